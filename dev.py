@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Developer entry point: ``python dev.py demo`` and ``python dev.py test``.
+
+Both commands do their own set-up and are idempotent: a virtual environment, the pack's requirements and a ComfyUI
+host are created once in a cache folder (``DREAMOVING_CACHE``, default ``~/.cache/dreamoving``) and reused.
+Set ``COMFYUI_DIR`` to use your own ComfyUI instead of the pinned 0.3.75 host.
+
+Only the standard library is used until the script re-executes itself inside the virtual environment.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    sys.path.insert(0, str(PACK_DIR))
+    from devtools import host
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("setup", help="create the virtual environment and the ComfyUI host, then stop")
+    demo = sub.add_parser("demo", help="run the demo workflow on a real ComfyUI server and print the video path")
+    demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    sub.add_parser("workflows", help="regenerate the canvas workflows in workflows/ from workflows/api/")
+    test = sub.add_parser("test", help="run the test suite (extra arguments go to pytest)")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+
+    python = host.ensure_venv()
+    if Path(sys.prefix).resolve() != host.venv_dir().resolve():
+        # Continue inside the virtual environment, where torch and ComfyUI's requirements live.
+        return subprocess.call([str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+    comfy_dir = host.ensure_comfyui()
+    if args.command == "setup":
+        print(f"virtual environment: {host.venv_dir()}\nComfyUI: {comfy_dir}")
+        return 0
+    if args.command == "test":
+        env = dict(os.environ, COMFYUI_DIR=str(comfy_dir), DREAMOVING_CACHE=str(host.cache_dir()))
+        # pytest's configuration lives in tests/pytest.ini, found from the paths it is given.
+        paths = [a for a in args.pytest_args if (PACK_DIR / a.split("::")[0]).exists()]
+        cmd = [sys.executable, "-m", "pytest", *args.pytest_args, *([] if paths else ["tests"])]
+        return subprocess.call(cmd, cwd=PACK_DIR, env=env)
+    if args.command == "workflows":
+        from devtools.workflow_ui import regenerate
+        from devtools.server import ComfyServer
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as base:
+            server = ComfyServer(comfy_dir, Path(base)).start()
+            try:
+                for path in regenerate(server.client.object_info()):
+                    print(f"wrote {path.relative_to(PACK_DIR)}")
+            finally:
+                server.stop()
+        return 0
+    from devtools import demo as demo_mod
+
+    return demo_mod.run(comfy_dir, port=args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The few lines that touch ComfyUI internals shared by several topics: model folders and error wrapping.
+
+Keeping them together means a ComfyUI update touches one place.
+"""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+
+from dreamoving_core.errors import DreaMovingError
+
+# name -> sub-folder of ComfyUI's models dir. Folders other packs already registered (AnimateDiff-Evolved,
+# IPAdapter_plus) are extended rather than replaced, so users' existing files show up in our loaders.
+MODEL_FOLDERS = {
+    "animatediff_models": "animatediff_models",
+    "dreamoving_motion": os.path.join("dreamoving", "motion"),
+    "dreamoving_video_controlnet": os.path.join("dreamoving", "video_controlnet"),
+    "dreamoving_content_guider": os.path.join("dreamoving", "content_guider"),
+    "dreamoving_preprocess": os.path.join("dreamoving", "preprocess"),
+    "ipadapter": "ipadapter",
+    "insightface": "insightface",
+}
+WEIGHT_EXTENSIONS = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx"}
+
+
+def register_model_folders() -> None:
+    for name, sub in MODEL_FOLDERS.items():
+        path = os.path.join(folder_paths.models_dir, sub)
+        if name in folder_paths.folder_names_and_paths:
+            paths = folder_paths.folder_names_and_paths[name][0]
+            if path not in paths:
+                paths.append(path)
+        else:
+            folder_paths.folder_names_and_paths[name] = ([path], set(WEIGHT_EXTENSIONS))
+
+
+class NodeError(DreaMovingError):
+    """A DreaMovingError prefixed with the node's display name, as users see it in the UI."""
+
+
+def node_error(node: str, err: Exception | str) -> NodeError:
+    """``NodeError("Load Motion Module: <message>")``; keeps the original as the cause."""
+    return NodeError(f"{node}: {err}")
+
+
+register_model_folders()

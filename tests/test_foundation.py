@@ -1,0 +1,110 @@
+"""Foundation: the pack loads in a real ComfyUI, the demo graph runs over HTTP, bad input is refused cleanly."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from devtools.client import PromptRejected
+from devtools.demo import load_graph, install_tiny_models, substitute
+from devtools.server import PACK_DIR
+from tests.graphs import base_graph, read_video_frames
+
+
+def test_server_imports_the_pack_without_failure(comfy):
+    assert comfy.server.import_failures() == []
+    assert comfy.server.import_seconds() is not None, "ComfyUI did not report importing the pack"
+
+
+def test_demo_graph_runs_over_http_and_writes_a_16_frame_video(comfy, comfy_base):
+    graph = substitute(install_tiny_models(load_graph(), comfy_base / "models"),
+                       {("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 48,
+                        ("KSampler", "steps"): 2})
+    result = comfy.run(graph)
+    save_id = next(k for k, v in graph.items() if v["class_type"] == "SaveVideo")
+    videos = result.files(save_id)
+    assert len(videos) == 1 and videos[0].suffix == ".mp4"
+    frames = read_video_frames(videos[0])
+    assert len(frames) == 16
+    assert frames[0].shape == (48, 64, 3)
+    assert any(e["type"] == "progress" for e in result.events), "no progress reached the websocket"
+
+
+def test_unknown_checkpoint_is_a_400_with_node_errors_and_the_server_keeps_serving(comfy, tiny_checkpoint):
+    g, refs = base_graph("no_such_model.safetensors", frames=2, steps=1)
+    with pytest.raises(PromptRejected) as rejected:
+        comfy.queue(g.to_api())
+    errors = rejected.value.node_errors
+    assert list(errors) == ["1"]
+    assert "ckpt_name" in json.dumps(errors["1"]) and "no_such_model.safetensors" in json.dumps(errors["1"])
+    g, refs = base_graph(tiny_checkpoint, frames=2, steps=1)
+    latent = comfy.run(g.to_api())
+    assert latent.files(refs["save"].id)
+
+
+IMPORT_PROBE = textwrap.dedent("""
+    import importlib.util, socket, sys, time
+    from devtools.tiny import comfy_importable
+    comfy_importable()
+    import torch, safetensors.torch, comfy.utils, folder_paths  # what ComfyUI has loaded before custom nodes
+    def refuse(what):
+        def trap(*a, **k):
+            raise AssertionError(f"importing the pack called {what}")
+        return trap
+    torch.load = refuse("torch.load")
+    safetensors.torch.load_file = refuse("safetensors.torch.load_file")
+    comfy.utils.load_torch_file = refuse("comfy.utils.load_torch_file")
+    socket.socket.connect = refuse("socket.connect")
+    before = set(sys.modules)
+    start = time.perf_counter()
+    spec = importlib.util.spec_from_file_location("comfyui_dreamoving", sys.argv[1],
+                                                  submodule_search_locations=[sys.argv[2]])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["comfyui_dreamoving"] = module
+    spec.loader.exec_module(module)
+    print(round(time.perf_counter() - start, 3))
+    print(",".join(sorted({m.split(".")[0] for m in set(sys.modules) - before})))
+    print(module.WEB_DIRECTORY, callable(module.comfy_entrypoint))
+""")
+
+
+def test_importing_the_pack_loads_no_weights_and_no_heavy_libraries(comfy_dir):
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE, str(PACK_DIR / "__init__.py"), str(PACK_DIR)],
+                         cwd=PACK_DIR, capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "COMFYUI_DIR": str(comfy_dir)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    seconds, new_modules, web = out.stdout.strip().splitlines()[-3:]
+    heavy = {"open_clip", "insightface", "onnxruntime", "cv2", "onnx"} & set(new_modules.split(","))
+    assert not heavy, f"importing the pack imported {heavy}; import them lazily inside the nodes"
+    assert web == "./web/js True"
+    assert float(seconds) < 5.0, f"importing the pack took {seconds}s"
+
+
+def test_shipped_api_workflows_use_only_known_nodes(comfy):
+    known = set(comfy.object_info())
+    for path in sorted((PACK_DIR / "workflows" / "api").glob("*.json")):
+        graph = json.loads(path.read_text())
+        unknown = {n["class_type"] for n in graph.values()} - known
+        assert not unknown, f"{path.name} uses unknown node types {unknown}"
+
+
+def test_workflow_templates_are_served(comfy):
+    status, body = comfy._request("GET", "/workflow_templates")
+    assert status == 200
+    ours = body.get("comfyui-dreamoving", [])
+    ui_graphs = sorted(p.stem for p in (PACK_DIR / "workflows").glob("*.json"))
+    assert sorted(ours) == ui_graphs
+
+
+def test_canvas_workflows_match_their_api_twins(comfy):
+    from devtools.workflow_ui import API_DIR, UI_DIR, api_to_ui
+
+    info = comfy.object_info()
+    for api_path in sorted(API_DIR.glob("*.json")):
+        ui_path = UI_DIR / api_path.name
+        assert ui_path.exists(), f"{api_path.name} has no canvas twin: run `python dev.py workflows`"
+        expected = api_to_ui(json.loads(api_path.read_text()), info)
+        assert json.loads(ui_path.read_text()) == expected, f"{ui_path.name} is stale: run `python dev.py workflows`"
