@@ -28,9 +28,10 @@ def main() -> int:
     demo = sub.add_parser("demo", help="run the demo workflow on a real ComfyUI server and print the video path")
     demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     sub.add_parser("workflows", help="regenerate the canvas workflows in workflows/ from workflows/api/")
-    test = sub.add_parser("test", help="run the test suite (extra arguments go to pytest)")
-    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
+    sub.add_parser("test", help="run the test suite (extra arguments go to pytest)")
+    args, pytest_args = parser.parse_known_args()
+    if pytest_args and args.command != "test":
+        parser.error(f"unrecognized arguments: {' '.join(pytest_args)}")
 
     python = host.ensure_venv()
     if Path(sys.prefix).resolve() != host.venv_dir().resolve():
@@ -44,8 +45,8 @@ def main() -> int:
     if args.command == "test":
         env = dict(os.environ, COMFYUI_DIR=str(comfy_dir), DREAMOVING_CACHE=str(host.cache_dir()))
         # pytest's configuration lives in tests/pytest.ini, found from the paths it is given.
-        paths = [a for a in args.pytest_args if (PACK_DIR / a.split("::")[0]).exists()]
-        cmd = [sys.executable, "-m", "pytest", *args.pytest_args, *([] if paths else ["tests"])]
+        paths = [a for a in pytest_args if (PACK_DIR / a.split("::")[0]).exists()]
+        cmd = [sys.executable, "-m", "pytest", *pytest_args, *([] if paths else ["tests"])]
         return subprocess.call(cmd, cwd=PACK_DIR, env=env)
     if args.command == "workflows":
         from devtools.workflow_ui import regenerate

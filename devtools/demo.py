@@ -65,12 +65,18 @@ def _extra_paths_config(models: Path, base: Path) -> Path:
     return cfg
 
 
-def _print_event(event: dict) -> None:
-    data = event.get("data", {})
-    if event.get("type") == "progress":
-        print(f"\r[dreamoving] node {data.get('node')}: step {data.get('value')}/{data.get('max')}", end="", flush=True)
-    elif event.get("type") == "executing" and data.get("node"):
-        print(f"\n[dreamoving] running node {data['node']}", end="", flush=True)
+def progress_printer(graph: dict) -> Callable[[dict], None]:
+    """A websocket event handler that prints which node runs and its sampler steps on one updating line."""
+
+    def show(event: dict) -> None:
+        data = event.get("data", {})
+        node = graph.get(str(data.get("node")), {}).get("class_type", data.get("node"))
+        if event.get("type") == "progress":
+            print(f"\r[dreamoving] {node}: step {data.get('value')}/{data.get('max')}", end="", flush=True)
+        elif event.get("type") == "executing" and data.get("node"):
+            print(f"\n[dreamoving] {node}", end="", flush=True)
+
+    return show
 
 
 def run(comfy_dir: Path, port: int = 0, frames: int = 16) -> int:
@@ -94,7 +100,7 @@ def run(comfy_dir: Path, port: int = 0, frames: int = 16) -> int:
         if server.import_failures():
             print("[dreamoving] the pack failed to import:\n" + "\n".join(server.import_failures()), file=sys.stderr)
             return 1
-        server.client.on_event = _print_event
+        server.client.on_event = progress_printer(graph)
         try:
             result = server.client.run(graph, timeout=3600)
         except (PromptRejected, ExecutionFailed) as err:

@@ -108,3 +108,12 @@ def test_canvas_workflows_match_their_api_twins(comfy):
         assert ui_path.exists(), f"{api_path.name} has no canvas twin: run `python dev.py workflows`"
         expected = api_to_ui(json.loads(api_path.read_text()), info)
         assert json.loads(ui_path.read_text()) == expected, f"{ui_path.name} is stale: run `python dev.py workflows`"
+
+
+def test_frontend_extension_is_served(comfy):
+    status, listed = comfy._request("GET", "/extensions")
+    assert status == 200
+    ours = [p for p in listed if "comfyui-dreamoving" in p]
+    assert ours == ["/extensions/comfyui-dreamoving/dreamoving.js"]
+    status, body = comfy._request("GET", ours[0])
+    assert status == 200 and "DreaMoving.NodeStyle" in body

@@ -1,5 +1,4 @@
-// DreaMoving frontend extension: colours the pack's nodes so DreaMoving graphs read at a glance, and shows the
-// frame count of IMAGE batches flowing into the Video ControlNet and Content Guider nodes after a run.
+// DreaMoving frontend extension: colours the pack's nodes so DreaMoving graphs read at a glance.
 import { app } from "../../scripts/app.js";
 
 const COLORS = { color: "#3b2a63", bgcolor: "#2b1d4f" };
