@@ -1,0 +1,175 @@
+"""Content Guider nodes over HTTP on a real ComfyUI server, with tiny models in the real file formats."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from devtools.client import ExecutionFailed
+from devtools.tiny import content_guider as tiny
+from tests.graphs import base_graph, run_latent
+
+RED, GREY, BLUE = 0xFF0000, 0x808080, 0x3366CC
+NODE_IDS = ["DreaMovingLoadContentGuider", "DreaMovingLoadOpenClipVision", "DreaMovingLoadInsightFace",
+            "DreaMovingContentGuiderFace", "DreaMovingContentGuiderCloth"]
+
+
+@pytest.fixture(scope="module")
+def files(install_model, tiny_checkpoint) -> dict:
+    names = {"checkpoint": tiny_checkpoint,
+             "guider": install_model(tiny.guider_file(), "dreamoving/content_guider"),
+             "clip": install_model(tiny.clip_vision_file(), "clip_vision")}
+    install_model(tiny.insightface_root() / "models" / "buffalo_l", "insightface/models", "buffalo_l")
+    for variant in ("plain", "plus", "plus-face", "full-face", "faceid-plusv2", "sdxl", "vit-g"):
+        for suffix in ("bin", "safetensors"):
+            path = tiny.ip_adapter_file(variant, suffix)
+            names[f"{variant}.{suffix}"] = install_model(path, "ipadapter")
+    return names
+
+
+def graph(files: dict, *, guider: str | None = None, alpha_face: float = 1.0, alpha_cloth: float | None = 1.0,
+          face_color: int = RED, insightface: bool = True, frames: int = 4, steps: int = 2, motion: bool = False,
+          context_length: int = 0):
+    """Plain chain: model → [motion (+ context windows)] → Face → [Cloth] → KSampler; returns (graph, refs)."""
+    g, refs = base_graph(files["checkpoint"], frames=frames, steps=steps)
+    model = refs["model"]
+    if motion:
+        mm = g.node("DreaMovingLoadMotionModule", model_name=files["motion"], positional_length=0,
+                    pe_extension="sinusoid")
+        extra = {}
+        if context_length:
+            extra["context_options"] = g.node(
+                "DreaMovingContextOptions", context_length=context_length, context_overlap=context_length // 2,
+                context_schedule="standard_static", context_stride=1, closed_loop=False, fuse_method="pyramid")[0]
+        model = g.node("DreaMovingApplyMotionModule", model=model, motion_module=mm[0], motion_scale=1.0, **extra)[0]
+    if alpha_face is not None:
+        loader = g.node("DreaMovingLoadContentGuider", guider_name=guider or files["guider"])
+        clip = g.node("DreaMovingLoadOpenClipVision", clip_name=files["clip"])
+        face = g.node("EmptyImage", width=64, height=64, batch_size=1, color=face_color)
+        extra = {}
+        if insightface:
+            extra["insightface"] = g.node("DreaMovingLoadInsightFace", pack="buffalo_l", provider="auto")[0]
+        model = g.node("DreaMovingContentGuiderFace", model=model, guider=loader[0], face_image=face[0],
+                       clip_vision=clip[0], alpha_face=alpha_face, start_percent=0.0, end_percent=1.0, **extra)[0]
+        if alpha_cloth is not None:
+            cloth = g.node("EmptyImage", width=64, height=64, batch_size=1, color=BLUE)
+            model = g.node("DreaMovingContentGuiderCloth", model=model, guider=loader[0], cloth_image=cloth[0],
+                           clip_vision=clip[0], alpha_cloth=alpha_cloth, start_percent=0.0, end_percent=1.0)[0]
+    g.set(refs["sampler"], model=model)
+    return g, refs
+
+
+@pytest.fixture(scope="module")
+def plain_latent(comfy, files) -> torch.Tensor:
+    g, refs = graph(files, alpha_face=None)
+    return run_latent(comfy, g, refs["save"])
+
+
+def test_nodes_are_registered_in_dreamoving_content_with_tooltips(comfy):
+    info = comfy.object_info()
+    for node_id in NODE_IDS:
+        assert node_id in info, f"{node_id} missing"
+        assert info[node_id]["category"] == "DreaMoving/Content"
+        for section in ("required", "optional"):
+            for name, spec in info[node_id]["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+    assert info["DreaMovingContentGuiderFace"]["output"] == ["MODEL"]
+
+
+def test_zero_alphas_are_bit_identical_to_the_plain_model_and_nonzero_alphas_are_not(comfy, files, plain_latent):
+    g, refs = graph(files, alpha_face=0.0, alpha_cloth=0.0)
+    assert torch.equal(run_latent(comfy, g, refs["save"]), plain_latent)
+    g, refs = graph(files, alpha_face=1.0, alpha_cloth=1.0)
+    guided = run_latent(comfy, g, refs["save"])
+    assert guided.shape == plain_latent.shape and not torch.equal(guided, plain_latent)
+    g, refs = graph(files, alpha_face=1.0, alpha_cloth=None)
+    face_only = run_latent(comfy, g, refs["save"])
+    assert not torch.equal(face_only, guided), "the cloth term must contribute"
+
+
+def test_no_patch_leaks_into_the_next_prompt(comfy, files, plain_latent):
+    g, refs = graph(files, alpha_face=1.5, alpha_cloth=0.5)
+    run_latent(comfy, g, refs["save"])
+    # Same sampling through KSamplerAdvanced, so it re-runs on the cached checkpoint's model instead of reusing
+    # the cached KSampler output.
+    g, refs = base_graph(files["checkpoint"], frames=4, steps=2)
+    sampler = g.nodes[refs["sampler"].id]["inputs"]
+    g.nodes[refs["sampler"].id] = {"class_type": "KSamplerAdvanced", "inputs": {
+        "model": sampler["model"], "positive": sampler["positive"], "negative": sampler["negative"],
+        "latent_image": sampler["latent_image"], "noise_seed": sampler["seed"], "steps": sampler["steps"],
+        "cfg": sampler["cfg"], "sampler_name": sampler["sampler_name"], "scheduler": sampler["scheduler"],
+        "add_noise": "enable", "start_at_step": 0, "end_at_step": 10000, "return_with_leftover_noise": "disable"}}
+    assert torch.equal(run_latent(comfy, g, refs["save"]), plain_latent)
+
+
+@pytest.mark.parametrize("name", ["plain.bin", "plus.safetensors", "plus-face.bin", "full-face.safetensors",
+                                  "faceid-plusv2.bin"])
+def test_every_sd15_ip_adapter_layout_guides_the_face(comfy, files, name):
+    g, refs = graph(files, guider=files[name], alpha_cloth=None, frames=2, steps=1)
+    assert run_latent(comfy, g, refs["save"]).shape == (2, 4, 8, 8)
+
+
+WRONG = {
+    "sdxl": (dict(guider="sdxl.safetensors"),
+             "Load Content Guider: 'ip-adapter-plus_sdxl_vit-h.safetensors' is an SDXL IP-Adapter"),
+    "vit-bigG": (dict(guider="vit-g.bin"),
+                 "Content Guider (Face): 'ip-adapter_sd15_vit-G.bin' expects image features of width 1280 "
+                 "(ViT-bigG/14); the CLIP vision model gives 1024 (ViT-H/14)"),
+    "no face": (dict(face_color=GREY), "Content Guider (Face): no face found in the face_image input (image 1 of 1)"),
+    "faceid without insightface": (dict(guider="faceid-plusv2.safetensors", insightface=False),
+                                   "connect Load InsightFace to the insightface input"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG))
+def test_wrong_inputs_fail_with_one_clear_message_and_the_server_keeps_serving(comfy, files, case):
+    overrides, message = WRONG[case]
+    if "guider" in overrides:
+        overrides = dict(overrides, guider=files[overrides["guider"]])
+    g, _ = graph(files, alpha_cloth=None, frames=2, steps=1, **overrides)
+    with pytest.raises(ExecutionFailed) as failed:
+        comfy.run(g.to_api())
+    assert message in failed.value.message
+    assert "DreaMovingContentGuiderFace" in comfy.object_info()
+
+
+@pytest.mark.parametrize("context_length", [0, 4], ids=["whole video", "context windows"])
+def test_face_and_cloth_guide_a_video_with_a_motion_module(comfy, files, install_model, context_length):
+    from devtools.tiny.motion import motion_module
+
+    files = dict(files, motion=install_model(motion_module("v2"), "animatediff_models"))
+    kw = dict(motion=True, frames=8, context_length=context_length)
+    g, refs = graph(files, alpha_face=None, **kw)
+    motion_only = run_latent(comfy, g, refs["save"])
+    g, refs = graph(files, alpha_face=0.0, alpha_cloth=0.0, **kw)
+    assert torch.equal(run_latent(comfy, g, refs["save"]), motion_only)
+    g, refs = graph(files, alpha_face=1.0, alpha_cloth=1.0, **kw)
+    guided = run_latent(comfy, g, refs["save"])
+    assert guided.shape == (8, 4, 8, 8) and not torch.equal(guided, motion_only)
+
+
+def test_shipped_face_cloth_workflow_runs_on_tiny_models(comfy, comfy_base, files, install_model):
+    import numpy as np
+    from PIL import Image
+
+    from devtools.demo import load_graph, substitute
+    from devtools.server import PACK_DIR
+    from devtools.tiny.motion import motion_module
+
+    for name, face in (("dreamoving_face.png", True), ("dreamoving_cloth.png", False)):
+        pixels = (tiny.face_image(64, face=face)[0].numpy() * 255).astype(np.uint8)
+        Image.fromarray(pixels).save(comfy_base / "input" / name)
+    api = load_graph(PACK_DIR / "workflows" / "api" / "dreamoving_face_cloth.json")
+    for node in api.values():  # ComfyUI's CLIPVisionLoader needs a full 32-layer ViT-H; the tiny one has 2
+        if node["class_type"] == "CLIPVisionLoader":
+            node["class_type"] = "DreaMovingLoadOpenClipVision"
+    api = substitute(api, {
+        ("CheckpointLoaderSimple", "ckpt_name"): files["checkpoint"],
+        ("DreaMovingLoadMotionModule", "model_name"): install_model(motion_module("v2"), "animatediff_models"),
+        ("DreaMovingLoadContentGuider", "guider_name"): files["guider"],
+        ("DreaMovingLoadOpenClipVision", "clip_name"): files["clip"],
+        ("DreaMovingLoadInsightFace", "pack"): "buffalo_l",
+        ("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 64, ("EmptyLatentImage", "batch_size"): 4,
+        ("KSampler", "steps"): 2})
+    result = comfy.run(api)
+    save = next(k for k, v in api.items() if v["class_type"] == "SaveVideo")
+    assert [p for p in result.files(save) if p.suffix == ".mp4"], result.outputs
