@@ -1,6 +1,7 @@
 """``python dev.py demo``: start ComfyUI with the pack, queue the shipped demo graph over HTTP, print the video path."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -14,17 +15,53 @@ from devtools.server import PACK_DIR, ComfyServer, link
 DEMO_GRAPH = PACK_DIR / "workflows" / "api" / "dreamoving_demo.json"
 
 
-def _tiny_checkpoint() -> Path:
-    from devtools.tiny.checkpoint import sd15_checkpoint
+def _tiny(module: str, function: str, *args) -> Callable[[], Path]:
+    """A deferred call of a tiny-model builder in ``devtools.tiny.<module>`` (imported only when needed)."""
 
-    return sd15_checkpoint()
+    def build() -> Path:
+        return getattr(importlib.import_module(f"devtools.tiny.{module}"), function)(*args)
+
+    return build
 
 
-# (node class, input) -> (model folder, builder of the tiny file): what the demo installs when no real models are
-# configured. Every loader of the demo graph has an entry.
+def _tiny_face_png() -> Path:
+    from devtools.tiny import cached
+    from devtools.tiny.content_guider import face_image
+
+    def write(path: Path) -> None:
+        from PIL import Image
+
+        Image.fromarray((face_image(64)[0].numpy() * 255).astype("uint8")).save(path, format="PNG")
+
+    return cached("input/v1/dreamoving_face.png", write)
+
+
+def _tiny_dance_video() -> Path:
+    from devtools.tiny import cached
+    from devtools.tiny.preprocess import synthetic_dance_video
+
+    return cached("input/v1/dreamoving_dance.mp4", synthetic_dance_video)
+
+
+# (node class, input) -> (folder under the ComfyUI base directory, builder of the tiny file): what the demo puts in
+# place when no real models are configured. Every loader and input file of the shipped graphs has an entry; the file
+# is linked under the name the graph already uses, so the graph itself is queued unchanged but for its size.
 TINY_MODELS: dict[tuple[str, str], tuple[str, Callable[[], Path]]] = {
-    ("CheckpointLoaderSimple", "ckpt_name"): ("checkpoints", _tiny_checkpoint),
+    ("CheckpointLoaderSimple", "ckpt_name"): ("models/checkpoints", _tiny("checkpoint", "sd15_checkpoint")),
+    ("DreaMovingLoadMotionModule", "model_name"): ("models/animatediff_models", _tiny("motion", "motion_module", "v2", "ckpt")),
+    ("DreaMovingLoadVideoControlNet", "controlnet_name"): ("models/controlnet", _tiny("controlnet", "sd15_controlnet", "pth")),
+    ("DreaMovingLoadVideoControlNet", "motion_module"): ("models/animatediff_models", _tiny("motion", "motion_module", "v2", "ckpt")),
+    ("DreaMovingLoadContentGuider", "guider_name"): ("models/ipadapter", _tiny("content_guider", "ip_adapter_file", "faceid-plusv2", "bin")),
+    ("DreaMovingLoadOpenClipVision", "clip_name"): ("models/clip_vision", _tiny("content_guider", "clip_vision_file")),
+    ("DreaMovingLoadInsightFace", "pack"): ("models/insightface/models", lambda: _tiny("content_guider", "insightface_root")() / "models" / "buffalo_l"),
+    ("DreaMovingDWPose", "detector"): ("models/dreamoving/preprocess", _tiny("preprocess", "yolox_onnx")),
+    ("DreaMovingDWPose", "estimator"): ("models/dreamoving/preprocess", _tiny("preprocess", "dwpose_onnx")),
+    ("DreaMovingZoeDepth", "model"): ("models/dreamoving/preprocess", _tiny("preprocess", "zoedepth_dir")),
+    ("LoadVideo", "file"): ("input", _tiny_dance_video),
+    ("LoadImage", "image"): ("input", _tiny_face_png),
 }
+# The user's own inputs for a run with real models: (node class, input) -> environment variable with a file path.
+USER_INPUTS = {("LoadVideo", "file"): "DREAMOVING_VIDEO", ("LoadImage", "image"): "DREAMOVING_FACE"}
 # Tiny random models are only worth a tiny canvas.
 TINY_SIZE = {("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 64}
 
@@ -44,15 +81,20 @@ def substitute(graph: dict, values: dict[tuple[str, str], object]) -> dict:
     return graph
 
 
-def install_tiny_models(graph: dict, models_dir: Path) -> dict:
-    """Build (or reuse) the tiny model for every loader in ``graph`` and point the graph at it."""
-    names = {}
-    for key, (folder, build) in TINY_MODELS.items():
-        if any(n["class_type"] == key[0] for n in graph.values()):
-            src = build()
-            link(src, models_dir / folder / src.name)
-            names[key] = src.name
-    return substitute(graph, {**names, **TINY_SIZE})
+def install_tiny_models(graph: dict, base: Path) -> dict:
+    """Link a tiny model (or input file) under the name ``graph`` uses for every loader it has, into the ComfyUI
+    base directory ``base``; returns ``graph`` shrunk to ``TINY_SIZE``."""
+    for (class_type, name), (folder, build) in TINY_MODELS.items():
+        for node in graph.values():
+            if node["class_type"] == class_type and isinstance(node["inputs"].get(name), str):
+                link(build(), base / folder / node["inputs"][name])
+    return substitute(graph, dict(TINY_SIZE))
+
+
+def link_input(src: Path, base: Path) -> str:
+    """Link ``src`` into the server's input folder; returns the name a loader node takes."""
+    link(src.expanduser().resolve(), base / "input" / src.name)
+    return src.name
 
 
 def _extra_paths_config(models: Path, base: Path) -> Path:
@@ -79,9 +121,9 @@ def progress_printer(graph: dict) -> Callable[[dict], None]:
     return show
 
 
-def run(comfy_dir: Path, port: int = 0, frames: int = 16) -> int:
+def run(comfy_dir: Path, port: int = 0) -> int:
     base = cache_dir() / "demo-base"
-    graph = substitute(load_graph(), {("EmptyLatentImage", "batch_size"): frames})
+    graph = load_graph()
     extra: tuple[str, ...] = ()
     real_models = os.environ.get("DREAMOVING_MODELS")
     if real_models:
@@ -89,9 +131,16 @@ def run(comfy_dir: Path, port: int = 0, frames: int = 16) -> int:
         if os.environ.get("DREAMOVING_CHECKPOINT"):
             graph = substitute(graph, {("CheckpointLoaderSimple", "ckpt_name"): os.environ["DREAMOVING_CHECKPOINT"]})
         print(f"[dreamoving] using real models from {real_models}")
+        for (class_type, name), env in USER_INPUTS.items():
+            if os.environ.get(env):
+                graph = substitute(graph, {(class_type, name): link_input(Path(os.environ[env]), base)})
+            else:
+                _, build = TINY_MODELS[(class_type, name)]
+                graph = substitute(graph, {(class_type, name): link_input(build(), base)})
+                print(f"[dreamoving] {env} not set: using the synthetic {name}")
     else:
         base.mkdir(parents=True, exist_ok=True)
-        graph = install_tiny_models(graph, base / "models")
+        graph = install_tiny_models(graph, base)
         print("[dreamoving] no DREAMOVING_MODELS set: using tiny RANDOM weights, so the video will be noise")
     server = ComfyServer(comfy_dir, base, port=port, extra_args=extra)
     print(f"[dreamoving] starting ComfyUI {comfy_dir} on {server.url} (log: {server.log_path})", flush=True)

@@ -1,6 +1,7 @@
 """Session fixtures: a real ComfyUI server with this pack in custom_nodes, its client, tiny models."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -58,3 +59,26 @@ def tiny_checkpoint(install_model) -> str:
     from devtools.tiny.checkpoint import sd15_checkpoint
 
     return install_model(sd15_checkpoint(), "checkpoints")
+
+
+@pytest.fixture(scope="session")
+def hide_models(comfy_base):
+    """``with hide_models(("dreamoving/preprocess", "yolox_l.onnx"), ...):`` makes those model files absent for the
+    block (other tests may have installed a tiny file under a real name) and puts them back afterwards."""
+
+    @contextlib.contextmanager
+    def hide(*entries: tuple[str, str]):
+        moved = []
+        try:
+            for folder, name in entries:
+                path = comfy_base / "models" / folder / name
+                if path.exists() or path.is_symlink():
+                    aside = path.with_name(f".hidden-{name}")
+                    path.rename(aside)
+                    moved.append((aside, path))
+            yield
+        finally:
+            for aside, path in moved:
+                aside.rename(path)
+
+    return hide

@@ -33,7 +33,7 @@ def graph(files: dict, *, guider: str | None = None, alpha_face: float = 1.0, al
     g, refs = base_graph(files["checkpoint"], frames=frames, steps=steps)
     model = refs["model"]
     if motion:
-        mm = g.node("DreaMovingLoadMotionModule", model_name=files["motion"], positional_length=0,
+        mm = g.node("DreaMovingLoadMotionModule", model_name=files["motion"], positional_length=64,
                     pe_extension="sinusoid")
         extra = {}
         if context_length:

@@ -20,7 +20,7 @@ def test_server_imports_the_pack_without_failure(comfy):
 
 
 def test_demo_graph_runs_over_http_and_writes_a_16_frame_video(comfy, comfy_base):
-    graph = substitute(install_tiny_models(load_graph(), comfy_base / "models"),
+    graph = substitute(install_tiny_models(load_graph(), comfy_base),
                        {("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 48,
                         ("KSampler", "steps"): 2})
     result = comfy.run(graph)

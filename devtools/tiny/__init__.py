@@ -38,9 +38,9 @@ def cached(relpath: str, build: Callable[[Path], None]) -> Path:
     return target
 
 
-def comfy_importable() -> Path:
-    """Put ComfyUI (``COMFYUI_DIR`` or the cached pinned copy) on ``sys.path`` for in-process ``comfy.*`` imports,
-    forcing the CPU so ``comfy.model_management`` does not look for CUDA. Returns the ComfyUI folder."""
+def comfy_importable(cpu: bool = True) -> Path:
+    """Put ComfyUI (``COMFYUI_DIR`` or the cached pinned copy) on ``sys.path`` for in-process ``comfy.*`` imports;
+    ``cpu`` forces the CPU so ``comfy.model_management`` does not look for CUDA. Returns the ComfyUI folder."""
     from devtools.host import COMFYUI_VERSION
 
     comfy_dir = Path(os.environ.get("COMFYUI_DIR") or cache_dir() / f"comfyui-{COMFYUI_VERSION}")
@@ -48,5 +48,22 @@ def comfy_importable() -> Path:
         sys.path.insert(0, str(comfy_dir))
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = cpu
     return comfy_dir
+
+
+PACK_NODES = "dm_nodes"
+
+
+def pack_nodes(topic: str, cpu: bool = True):
+    """The pack's ``nodes/<topic>.py`` imported in this process as ``dm_nodes.<topic>`` (ComfyUI's own ``nodes``
+    module owns the name ``nodes``). Every caller gets the same module objects."""
+    import importlib
+    import types
+
+    comfy_importable(cpu)
+    if PACK_NODES not in sys.modules:
+        package = types.ModuleType(PACK_NODES)
+        package.__path__ = [str(Path(__file__).resolve().parents[2] / "nodes")]
+        sys.modules[PACK_NODES] = package
+    return importlib.import_module(f"{PACK_NODES}.{topic}")
