@@ -4,7 +4,9 @@ Keeping them together means a ComfyUI update touches one place.
 """
 from __future__ import annotations
 
+import functools
 import os
+from typing import Callable
 
 import folder_paths
 
@@ -42,6 +44,25 @@ class NodeError(DreaMovingError):
 def node_error(node: str, err: Exception | str) -> NodeError:
     """``NodeError("Load Motion Module: <message>")``; keeps the original as the cause."""
     return NodeError(f"{node}: {err}")
+
+
+def reports_errors(node: str) -> Callable[[Callable], Callable]:
+    """Decorator for a node's ``execute``: a DreaMovingError raised inside reaches the user as one message prefixed
+    with the node's display name ``node`` (messages already prefixed pass through unchanged)."""
+
+    def decorate(execute: Callable) -> Callable:
+        @functools.wraps(execute)
+        def wrapper(*args, **kwargs):
+            try:
+                return execute(*args, **kwargs)
+            except NodeError:
+                raise
+            except DreaMovingError as err:
+                raise node_error(node, err) from err
+
+        return wrapper
+
+    return decorate
 
 
 register_model_folders()

@@ -19,10 +19,10 @@ from dreamoving_core.clip_image import ClipImageEncoder
 from dreamoving_core.content_guider import (AttentionTerm, ContentGuider, ContentKV, ImageFeatures,
                                             decoupled_cross_attention, load_content_guider)
 from dreamoving_core.content_guider_kernel import fused_decoupled_cross_attention
-from dreamoving_core.errors import DreaMovingError, InputMismatchError
+from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.face_id import FaceAnalyzer, find_pack, list_packs
 
-from ._comfy import node_error
+from ._comfy import reports_errors
 
 CATEGORY = "DreaMoving/Content"
 GUIDER_FOLDERS = ("dreamoving_content_guider", "ipadapter")
@@ -185,15 +185,13 @@ class LoadContentGuider(io.ComfyNode):
         )
 
     @classmethod
+    @reports_errors(DISPLAY)
     def execute(cls, guider_name) -> io.NodeOutput:
         path = next((p for f in GUIDER_FOLDERS if (p := folder_paths.get_full_path(f, guider_name))), None)
-        try:
-            if path is None:
-                raise InputMismatchError(f"'{guider_name}' is not in models/dreamoving/content_guider or "
-                                         "models/ipadapter")
-            return io.NodeOutput(load_content_guider(path))
-        except DreaMovingError as err:
-            raise node_error(cls.DISPLAY, err) from err
+        if path is None:
+            raise InputMismatchError(f"'{guider_name}' is not in models/dreamoving/content_guider or "
+                                     "models/ipadapter")
+        return io.NodeOutput(load_content_guider(path))
 
 
 class LoadOpenClipVision(io.ComfyNode):
@@ -211,12 +209,10 @@ class LoadOpenClipVision(io.ComfyNode):
         )
 
     @classmethod
+    @reports_errors(DISPLAY)
     def execute(cls, clip_name) -> io.NodeOutput:
-        try:
-            path = folder_paths.get_full_path_or_raise("clip_vision", clip_name)
-            return io.NodeOutput(ClipImageEncoder.from_file(path))
-        except DreaMovingError as err:
-            raise node_error(cls.DISPLAY, err) from err
+        path = folder_paths.get_full_path_or_raise("clip_vision", clip_name)
+        return io.NodeOutput(ClipImageEncoder.from_file(path))
 
 
 class LoadInsightFace(io.ComfyNode):
@@ -236,11 +232,9 @@ class LoadInsightFace(io.ComfyNode):
         )
 
     @classmethod
+    @reports_errors(DISPLAY)
     def execute(cls, pack, provider) -> io.NodeOutput:
-        try:
-            return io.NodeOutput(FaceAnalyzer(find_pack(folder_paths.get_folder_paths("insightface"), pack), provider))
-        except DreaMovingError as err:
-            raise node_error(cls.DISPLAY, err) from err
+        return io.NodeOutput(FaceAnalyzer(find_pack(folder_paths.get_folder_paths("insightface"), pack), provider))
 
 
 def _guide_inputs(slot: str, image_tip: str) -> list:
@@ -259,12 +253,9 @@ def _guide_inputs(slot: str, image_tip: str) -> list:
     ]
 
 
-def _guide(display: str, slot: str, model, guider, images, clip_vision, analyzer, alpha, start, end):
-    try:
-        kv = guidance_kv(guider, slot, images, clip_vision, analyzer, f"{slot}_image")
-        return io.NodeOutput(apply_guidance(model, slot, guider, kv, alpha, start, end))
-    except DreaMovingError as err:
-        raise node_error(display, err) from err
+def _guide(slot: str, model, guider, images, clip_vision, analyzer, alpha, start, end) -> io.NodeOutput:
+    kv = guidance_kv(guider, slot, images, clip_vision, analyzer, f"{slot}_image")
+    return io.NodeOutput(apply_guidance(model, slot, guider, kv, alpha, start, end))
 
 
 class ContentGuiderFace(io.ComfyNode):
@@ -281,9 +272,10 @@ class ContentGuiderFace(io.ComfyNode):
                          inputs=inputs, outputs=[io.Model.Output()])
 
     @classmethod
+    @reports_errors(DISPLAY)
     def execute(cls, model, guider, face_image, clip_vision, alpha_face, start_percent, end_percent,
                 insightface=None) -> io.NodeOutput:
-        return _guide(cls.DISPLAY, "face", model, guider, face_image, clip_vision, insightface, alpha_face,
+        return _guide("face", model, guider, face_image, clip_vision, insightface, alpha_face,
                       start_percent, end_percent)
 
 
@@ -298,9 +290,10 @@ class ContentGuiderCloth(io.ComfyNode):
                          inputs=_guide_inputs("cloth", "Image of the clothes / body."), outputs=[io.Model.Output()])
 
     @classmethod
+    @reports_errors(DISPLAY)
     def execute(cls, model, guider, cloth_image, clip_vision, alpha_cloth, start_percent,
                 end_percent) -> io.NodeOutput:
-        return _guide(cls.DISPLAY, "cloth", model, guider, cloth_image, clip_vision, None, alpha_cloth,
+        return _guide("cloth", model, guider, cloth_image, clip_vision, None, alpha_cloth,
                       start_percent, end_percent)
 
 

@@ -28,11 +28,11 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock
                                                             Upsample)
 from comfy_api.latest import io
 
-from dreamoving_core.errors import DreaMovingError, InputMismatchError
+from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.motion import DEFAULT_POSITIONAL_LENGTH, PE_EXTENSIONS, MotionBlock, MotionModule
 from dreamoving_core.motion_format import load_motion_module
 
-from ._comfy import node_error
+from ._comfy import node_error, reports_errors
 
 CATEGORY = "DreaMoving/Motion"
 LOAD_NAME = "Load Motion Module"
@@ -344,11 +344,9 @@ class LoadMotionModule(io.ComfyNode):
         )
 
     @classmethod
+    @reports_errors(LOAD_NAME)
     def execute(cls, model_name: str, positional_length: int, pe_extension: str) -> io.NodeOutput:
-        try:
-            return io.NodeOutput(load_for_comfy(model_name, positional_length, pe_extension))
-        except DreaMovingError as err:
-            raise node_error(LOAD_NAME, err) from err
+        return io.NodeOutput(load_for_comfy(model_name, positional_length, pe_extension))
 
 
 class ApplyMotionModule(io.ComfyNode):
@@ -374,17 +372,15 @@ class ApplyMotionModule(io.ComfyNode):
         )
 
     @classmethod
+    @reports_errors(APPLY_NAME)
     def execute(cls, model, motion_module: LoadedMotionModule, motion_scale: float,
                 context_options: ContextOptions | None = None) -> io.NodeOutput:
-        try:
-            positions = motion_module.module.config.positional_length
-            if context_options is not None and context_options.length > positions:
-                raise InputMismatchError(
-                    f"context windows of {context_options.length} frames are longer than the {positions} positions "
-                    f"of '{motion_module.name}'; shorten the windows or load it with a longer positional length")
-            return io.NodeOutput(apply_motion(model, motion_module, motion_scale, context_options))
-        except DreaMovingError as err:
-            raise node_error(APPLY_NAME, err) from err
+        positions = motion_module.module.config.positional_length
+        if context_options is not None and context_options.length > positions:
+            raise InputMismatchError(
+                f"context windows of {context_options.length} frames are longer than the {positions} positions "
+                f"of '{motion_module.name}'; shorten the windows or load it with a longer positional length")
+        return io.NodeOutput(apply_motion(model, motion_module, motion_scale, context_options))
 
 
 class MotionContextOptions(io.ComfyNode):

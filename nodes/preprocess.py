@@ -24,7 +24,7 @@ from dreamoving_core.pose_retarget import retarget_poses
 from dreamoving_core.pose_smoothing import smooth_poses
 from dreamoving_core.zoedepth import depth_to_hint, load_zoedepth
 
-from ._comfy import node_error
+from ._comfy import reports_errors
 
 CATEGORY = "DreaMoving/Preprocess"
 DWPOSE_NAME = "DWPose Estimator"
@@ -137,22 +137,20 @@ class DWPoseEstimator(io.ComfyNode):
         )
 
     @classmethod
+    @reports_errors(DWPOSE_NAME)
     def execute(cls, images: torch.Tensor, detector: str, estimator: str, draw_body: bool, draw_hands: bool,
                 draw_face: bool, detect_resolution: int, temporal_smoothing: bool, fps: float,
                 reference_image: torch.Tensor | None = None) -> io.NodeOutput:
-        try:
-            model = DWPose(find_onnx(detector), find_onnx(estimator))
-            poses = model.video(images, detect_resolution, progress=_progress(len(images)))
-            if temporal_smoothing and len(poses) > 1:
-                poses = smooth_poses(poses, fps)
-            if reference_image is not None:
-                ref = model(to_uint8(reference_image[:1])[0], detect_resolution)
-                if not ref.people:
-                    raise InputMismatchError("reference_image: no person found to retarget the poses to")
-                biggest = max(ref.people, key=lambda p: float(p.body[:, 2].sum()))
-                poses = retarget_poses(poses, biggest)
-        except DreaMovingError as err:
-            raise node_error(DWPOSE_NAME, err) from err
+        model = DWPose(find_onnx(detector), find_onnx(estimator))
+        poses = model.video(images, detect_resolution, progress=_progress(len(images)))
+        if temporal_smoothing and len(poses) > 1:
+            poses = smooth_poses(poses, fps)
+        if reference_image is not None:
+            ref = model(to_uint8(reference_image[:1])[0], detect_resolution)
+            if not ref.people:
+                raise InputMismatchError("reference_image: no person found to retarget the poses to")
+            biggest = max(ref.people, key=lambda p: float(p.body[:, 2].sum()))
+            poses = retarget_poses(poses, biggest)
         height, width = work_size(images.shape[1], images.shape[2], detect_resolution)
         pictures = draw_poses(poses, height, width, draw_body, draw_hands, draw_face)
         keypoints = to_pose_keypoint(poses)
@@ -179,14 +177,12 @@ class RenderPose(io.ComfyNode):
         )
 
     @classmethod
+    @reports_errors(RENDER_NAME)
     def execute(cls, pose_keypoint, draw_body: bool, draw_hands: bool, draw_face: bool,
                 resolution: int) -> io.NodeOutput:
-        try:
-            frames = from_pose_keypoint(pose_keypoint)
-            if not frames:
-                raise InputMismatchError("pose_keypoint holds no frame")
-        except DreaMovingError as err:
-            raise node_error(RENDER_NAME, err) from err
+        frames = from_pose_keypoint(pose_keypoint)
+        if not frames:
+            raise InputMismatchError("pose_keypoint holds no frame")
         height, width = work_size(frames[0].height, frames[0].width, resolution)
         return io.NodeOutput(draw_poses(frames, height, width, draw_body, draw_hands, draw_face))
 
@@ -214,15 +210,13 @@ class ZoeDepthEstimator(io.ComfyNode):
         )
 
     @classmethod
+    @reports_errors(ZOE_NAME)
     def execute(cls, images: torch.Tensor, model: str, per_frame_normalization: bool,
                 batch_size: int) -> io.NodeOutput:
         device = comfy.model_management.get_torch_device()
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        try:
-            zoe = load_zoedepth(find_zoedepth(model), device, dtype)
-            depth = zoe.depth(images, batch_size, progress=_progress(len(images)))
-        except DreaMovingError as err:
-            raise node_error(ZOE_NAME, err) from err
+        zoe = load_zoedepth(find_zoedepth(model), device, dtype)
+        depth = zoe.depth(images, batch_size, progress=_progress(len(images)))
         return io.NodeOutput(depth_to_hint(depth, per_frame_normalization))
 
 

@@ -23,10 +23,10 @@ import folder_paths
 from comfy_api.latest import io
 
 from dreamoving_core.controlnet_format import load_video_controlnet
-from dreamoving_core.errors import DreaMovingError, InputMismatchError
+from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.video_controlnet import VideoControlNet
 
-from ._comfy import node_error
+from ._comfy import node_error, reports_errors
 from .motion import motion_file_names, motion_file_path, window_frame_indices
 
 CATEGORY = "DreaMoving/Control"
@@ -153,12 +153,10 @@ class LoadVideoControlNet(io.ComfyNode):
         )
 
     @classmethod
+    @reports_errors(LOAD_NAME)
     def execute(cls, controlnet_name: str, motion_module: str = NO_MOTION) -> io.NodeOutput:
-        try:
-            motion = None if motion_module in (None, "", NO_MOTION) else motion_module
-            return io.NodeOutput(load_for_comfy(controlnet_name, motion))
-        except DreaMovingError as err:
-            raise node_error(LOAD_NAME, err) from err
+        motion = None if motion_module in (None, "", NO_MOTION) else motion_module
+        return io.NodeOutput(load_for_comfy(controlnet_name, motion))
 
 
 class ApplyVideoControlNet(io.ComfyNode):
