@@ -115,3 +115,14 @@ def test_frontend_extension_is_served(comfy):
     assert ours == ["/extensions/comfyui-dreamoving/dreamoving.js"]
     status, body = comfy._request("GET", ours[0])
     assert status == 200 and "DreaMoving.NodeStyle" in body
+
+
+def test_every_core_module_imports_without_comfyui():
+    code = ("import importlib, pkgutil, sys, dreamoving_core\n"
+            "for m in pkgutil.iter_modules(dreamoving_core.__path__):\n"
+            "    importlib.import_module(f'dreamoving_core.{m.name}')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'comfy', 'comfy_api', 'folder_paths', 'server', "
+            "'nodes', 'execution'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=PACK_DIR)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "[]"
