@@ -356,6 +356,7 @@ def test_shipped_pose_depth_workflow_runs_on_a_synthetic_dance_video(comfy, comf
                                                                      tiny_checkpoint, controlnets):
     """workflows/api/dreamoving_pose_depth.json with tiny models: DWPose + ZoeDepth of a synthetic dance drive two
     Video ControlNets; 16 frames of 64x64 come out as a video."""
+    from devtools.demo import substitute
     from devtools.tiny import preprocess as tiny_pre
     from tests.graphs import read_video_frames
 
@@ -372,10 +373,7 @@ def test_shipped_pose_depth_workflow_runs_on_a_synthetic_dance_video(comfy, comf
               ("DreaMovingLoadVideoControlNet", "motion_module"): controlnets["motion"],
               ("DreaMovingLoadMotionModule", "model_name"): controlnets["motion"],
               ("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 64, ("KSampler", "steps"): 2}
-    for node in graph.values():
-        for (class_type, name), value in values.items():
-            if node["class_type"] == class_type and name in node["inputs"]:
-                node["inputs"][name] = value
+    substitute(graph, values)
     graph["9"]["inputs"]["controlnet_name"] = controlnets["pose"]
     graph["10"]["inputs"]["controlnet_name"] = controlnets["depth"]
     result = comfy.run(graph, timeout=300)

@@ -10,7 +10,6 @@
 - ``zoedepth_dir()``: ``ZoeDepthForDepthEstimation`` from a tiny ``ZoeDepthConfig`` (tiny BEiT backbone, the
   two-domain NYU + KITTI head of Intel/zoedepth-nyu-kitti) saved with ``save_pretrained``, with its processor.
 - ``synthetic_dance_video(path)``: a stick figure waving its arms, as an H.264 MP4 (PyAV).
-- ``install_tiny_preprocess(models_dir, input_dir)``: all of the above under their real names, for the demo.
 
 ONNX graphs are exported at build time with ``torch.onnx.export(..., dynamo=False, opset_version=17)``.
 """
@@ -260,21 +259,3 @@ def synthetic_dance_video(path: str | Path, frames: int = 16, size: int = 64, fp
         for packet in stream.encode():
             container.mux(packet)
     return path
-
-
-DEMO_VIDEO = "dreamoving_dance.mp4"  # the input file workflows/dreamoving_video_to_pose.json loads
-
-
-def install_tiny_preprocess(models_dir: Path, input_dir: Path | None = None) -> dict[str, str]:
-    """Link the tiny DWPose pair and ZoeDepth under their real names into ``models_dir/dreamoving/preprocess``
-    (and write the synthetic dance as ``input_dir/DEMO_VIDEO``), so the shipped graphs run unchanged."""
-    from devtools.server import link
-
-    target = Path(models_dir) / "dreamoving" / "preprocess"
-    link(yolox_onnx(), target / "yolox_l.onnx")
-    link(dwpose_onnx(), target / "dw-ll_ucoco_384.onnx")
-    link(zoedepth_dir(), target / "zoedepth-nyu-kitti")
-    if input_dir is not None and not (Path(input_dir) / DEMO_VIDEO).exists():
-        synthetic_dance_video(Path(input_dir) / DEMO_VIDEO)
-    return {"detector": "yolox_l.onnx", "estimator": "dw-ll_ucoco_384.onnx", "zoedepth": "zoedepth-nyu-kitti",
-            "video": DEMO_VIDEO}
