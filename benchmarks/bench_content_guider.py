@@ -22,8 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dreamoving_core.content_guider import AttentionTerm, ContentKV, decoupled_cross_attention, sdpa_attention  # noqa: E402
-from dreamoving_core.content_guider_kernel import fused_decoupled_cross_attention  # noqa: E402
+from dreamoving_core.guider.model import AttentionTerm, ContentKV, decoupled_cross_attention, sdpa_attention  # noqa: E402
+from dreamoving_core.guider.kernel import fused_decoupled_cross_attention  # noqa: E402
 
 
 def matmul_attention(q, k, v, heads):

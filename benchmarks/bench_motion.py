@@ -66,7 +66,7 @@ class Bench:
         import comfy.utils
         from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-        from dreamoving_core.motion import MotionModule, MotionModuleConfig
+        from dreamoving_core.motion.model import MotionModule, MotionModuleConfig
 
         self.glue, self.device, self.dtype = glue, device, dtype
         self.unet = randomise(UNetModel(model_channels=channels, **SD15, dtype=torch.float32)).to(device, dtype)

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devtools.tiny import cached  # noqa: E402
 from devtools.tiny.preprocess import DETECTOR_SIZE, ESTIMATOR_SIZE, NUM_KEYPOINTS, _export, zoedepth_config  # noqa: E402
-from dreamoving_core.dwpose import DWPose  # noqa: E402
-from dreamoving_core.zoedepth import ZoeDepth, depth_to_hint  # noqa: E402
+from dreamoving_core.preprocess.dwpose import DWPose  # noqa: E402
+from dreamoving_core.preprocess.zoedepth import ZoeDepth, depth_to_hint  # noqa: E402
 
 YOLOX_L_GMAC, DWPOSE_L_GMAC = 77.8, 10.07
 

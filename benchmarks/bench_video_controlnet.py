@@ -32,8 +32,8 @@ sys.path.insert(0, str(PACK_DIR))
 sys.path.insert(0, str(PACK_DIR / "benchmarks"))
 
 from bench_motion import Bench, count_flops, randomise, setup_comfy, sync  # noqa: E402
-from dreamoving_core.motion import MotionModule, MotionModuleConfig  # noqa: E402
-from dreamoving_core.video_controlnet import ControlNetConfig, VideoControlNet  # noqa: E402
+from dreamoving_core.motion.model import MotionModule, MotionModuleConfig  # noqa: E402
+from dreamoving_core.control.model import ControlNetConfig, VideoControlNet  # noqa: E402
 
 
 def controlnets(channels: int, dtype: torch.dtype, device: str) -> tuple[VideoControlNet, VideoControlNet]:

@@ -15,12 +15,12 @@ import torch
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
 from comfy_api.latest import io
 
-from dreamoving_core.clip_image import ClipImageEncoder
-from dreamoving_core.content_guider import (AttentionTerm, ContentGuider, ContentKV, ImageFeatures,
+from dreamoving_core.guider.clip_image import ClipImageEncoder
+from dreamoving_core.guider.model import (AttentionTerm, ContentGuider, ContentKV, ImageFeatures,
                                             decoupled_cross_attention, load_content_guider)
-from dreamoving_core.content_guider_kernel import fused_decoupled_cross_attention
+from dreamoving_core.guider.kernel import fused_decoupled_cross_attention
 from dreamoving_core.errors import InputMismatchError
-from dreamoving_core.face_id import FaceAnalyzer, find_pack, list_packs
+from dreamoving_core.guider.face_id import FaceAnalyzer, find_pack, list_packs
 
 from ._comfy import reports_errors
 

@@ -29,8 +29,8 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock
 from comfy_api.latest import io
 
 from dreamoving_core.errors import InputMismatchError
-from dreamoving_core.motion import DEFAULT_POSITIONAL_LENGTH, PE_EXTENSIONS, MotionBlock, MotionModule
-from dreamoving_core.motion_format import load_motion_module
+from dreamoving_core.motion.model import DEFAULT_POSITIONAL_LENGTH, PE_EXTENSIONS, MotionBlock, MotionModule
+from dreamoving_core.motion.format import load_motion_module
 
 from ._comfy import node_error, reports_errors
 

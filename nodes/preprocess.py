@@ -16,13 +16,13 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from dreamoving_core.dwpose import DETECTOR_FILE, ESTIMATOR_FILE, DWPose, to_uint8, work_size
+from dreamoving_core.preprocess.dwpose import DETECTOR_FILE, ESTIMATOR_FILE, DWPose, to_uint8, work_size
 from dreamoving_core.errors import DreaMovingError, InputMismatchError
-from dreamoving_core.pose import from_pose_keypoint, to_pose_keypoint
-from dreamoving_core.pose_render import draw_poses
-from dreamoving_core.pose_retarget import retarget_poses
-from dreamoving_core.pose_smoothing import smooth_poses
-from dreamoving_core.zoedepth import depth_to_hint, load_zoedepth
+from dreamoving_core.preprocess.pose import from_pose_keypoint, to_pose_keypoint
+from dreamoving_core.preprocess.render import draw_poses
+from dreamoving_core.preprocess.retarget import retarget_poses
+from dreamoving_core.preprocess.smoothing import smooth_poses
+from dreamoving_core.preprocess.zoedepth import depth_to_hint, load_zoedepth
 
 from ._comfy import reports_errors
 

@@ -22,9 +22,9 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from dreamoving_core.controlnet_format import load_video_controlnet
+from dreamoving_core.control.format import load_video_controlnet
 from dreamoving_core.errors import InputMismatchError
-from dreamoving_core.video_controlnet import VideoControlNet
+from dreamoving_core.control.model import VideoControlNet
 
 from ._comfy import node_error, reports_errors
 from .motion import motion_file_names, motion_file_path, window_frame_indices

@@ -10,12 +10,12 @@ import torch
 from einops import rearrange
 
 from devtools.tiny import content_guider as tiny
-from dreamoving_core.clip_image import ClipImageEncoder, preprocess, vision_state_dict
-from dreamoving_core.content_guider import (AttentionTerm, ContentKV, ImageFeatures, decoupled_cross_attention,
+from dreamoving_core.guider.clip_image import ClipImageEncoder, preprocess, vision_state_dict
+from dreamoving_core.guider.model import (AttentionTerm, ContentKV, ImageFeatures, decoupled_cross_attention,
                                             load_content_guider, sdpa_attention)
-from dreamoving_core.content_guider_format import guider_state_dict, parse_guider_state_dict
+from dreamoving_core.guider.format import guider_state_dict, parse_guider_state_dict
 from dreamoving_core.errors import InputMismatchError, ModelFormatError
-from dreamoving_core.face_id import FaceAnalyzer, find_pack, select_providers, similarity_transform
+from dreamoving_core.guider.face_id import FaceAnalyzer, find_pack, select_providers, similarity_transform
 from dreamoving_core.io import load_state_dict, save_state_dict
 
 
@@ -239,9 +239,9 @@ def test_cpu_provider_is_used_without_cuda_and_logged_once(monkeypatch, caplog):
     assert select_providers("auto") == ["CPUExecutionProvider"]
     with pytest.raises(InputMismatchError, match="CUDA provider was requested"):
         select_providers("cuda")
-    with caplog.at_level(logging.INFO, logger="dreamoving_core.face_id"):
+    with caplog.at_level(logging.INFO, logger="dreamoving_core.guider.face_id"):
         FaceAnalyzer(find_pack([tiny.insightface_root()], "buffalo_l"), provider="auto")
-    lines = [r.getMessage() for r in caplog.records if r.name == "dreamoving_core.face_id"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "dreamoving_core.guider.face_id"]
     assert len(lines) == 1 and "CPUExecutionProvider" in lines[0]
 
 
@@ -271,7 +271,7 @@ def test_similarity_transform_recovers_rotation_scale_and_shift():
 
 
 def fused_case(device: str, dtype: torch.dtype, dim: int, text_tokens: int, image_tokens: tuple[int, ...]):
-    from dreamoving_core.content_guider_kernel import fused_decoupled_cross_attention
+    from dreamoving_core.guider.kernel import fused_decoupled_cross_attention
 
     g = torch.Generator().manual_seed(dim + text_tokens)
     heads, batch, length = 8, 4, 96
@@ -315,7 +315,7 @@ def test_fused_eq1_kernel_matches_the_formula_on_cuda(dim, text_tokens, image_to
 
 @pytest.mark.gpu
 def test_fused_eq1_kernel_declines_keys_that_do_not_fit_one_block():
-    from dreamoving_core.content_guider_kernel import fused_decoupled_cross_attention
+    from dreamoving_core.guider.kernel import fused_decoupled_cross_attention
 
     q, k = torch.zeros(1, 16, 1280, device="cuda"), torch.zeros(1, 77, 1280, device="cuda")
     assert fused_decoupled_cross_attention(q, k, k, 8, [AttentionTerm(1.0, k[:, :16], k[:, :16])]) is None

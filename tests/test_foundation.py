@@ -119,10 +119,24 @@ def test_frontend_extension_is_served(comfy):
 
 def test_every_core_module_imports_without_comfyui():
     code = ("import importlib, pkgutil, sys, dreamoving_core\n"
-            "for m in pkgutil.iter_modules(dreamoving_core.__path__):\n"
-            "    importlib.import_module(f'dreamoving_core.{m.name}')\n"
+            "for m in pkgutil.walk_packages(dreamoving_core.__path__, 'dreamoving_core.'):\n"
+            "    importlib.import_module(m.name)\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'comfy', 'comfy_api', 'folder_paths', 'server', "
             "'nodes', 'execution'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=PACK_DIR)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_published_flat_module_paths_are_the_moved_modules():
+    import importlib
+
+    from dreamoving_core._compat import MOVED
+
+    for old, new in MOVED.items():
+        assert importlib.import_module(f"dreamoving_core.{old}") is importlib.import_module(f"dreamoving_core.{new}")
+    from dreamoving_core.motion import MotionBlock
+    from dreamoving_core.motion.model import MotionBlock as moved
+
+    assert MotionBlock is moved
+    from dreamoving_core.content_guider import decoupled_cross_attention  # noqa: F401  (a published import line)

@@ -9,9 +9,9 @@ import torch
 
 from dreamoving_core.errors import InputMismatchError, ModelFormatError
 from dreamoving_core.io import read_metadata
-from dreamoving_core.motion import (MotionBlock, MotionModule, MotionModuleConfig, extend_positional_encoding,
+from dreamoving_core.motion.model import (MotionBlock, MotionModule, MotionModuleConfig, extend_positional_encoding,
                                     sinusoidal_positions)
-from dreamoving_core.motion_format import (animatediff_state_dict, from_animatediff_key, load_motion_module,
+from dreamoving_core.motion.format import (animatediff_state_dict, from_animatediff_key, load_motion_module,
                                            motion_module_from_state_dict, save_motion_module, to_animatediff_key)
 from devtools.tiny.motion import LAYOUTS, POSITIONS, bad_file, malicious_marker, motion_module, tiny_module
 

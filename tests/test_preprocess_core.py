@@ -16,12 +16,12 @@ import torch
 from devtools.tiny import preprocess as tiny
 from dreamoving_core import dwpose
 from dreamoving_core.errors import DreaMovingError, InputMismatchError, ModelFormatError
-from dreamoving_core.pose import (NUM_BODY, NUM_FACE, NUM_HAND, Person, PoseFrame, from_openpose_dict,
+from dreamoving_core.preprocess.pose import (NUM_BODY, NUM_FACE, NUM_HAND, Person, PoseFrame, from_openpose_dict,
                                   from_pose_keypoint, from_wholebody, to_openpose_dict, to_pose_keypoint)
-from dreamoving_core.pose_render import draw_pose, draw_poses
-from dreamoving_core.pose_retarget import BODY_TREE, bone_lengths, retarget_poses
-from dreamoving_core.pose_smoothing import smooth_poses
-from dreamoving_core.zoedepth import depth_to_hint, load_zoedepth
+from dreamoving_core.preprocess.render import draw_pose, draw_poses
+from dreamoving_core.preprocess.retarget import BODY_TREE, bone_lengths, retarget_poses
+from dreamoving_core.preprocess.smoothing import smooth_poses
+from dreamoving_core.preprocess.zoedepth import depth_to_hint, load_zoedepth
 
 # OpenPose body index -> COCO-WholeBody index (neck = 1 is the shoulders' midpoint)
 OPENPOSE_FROM_COCO = {0: 0, 2: 6, 3: 8, 4: 10, 5: 5, 6: 7, 7: 9, 8: 12, 9: 14, 10: 16, 11: 11, 12: 13, 13: 15,
@@ -197,8 +197,8 @@ def test_missing_or_corrupt_onnx_file_is_a_dreamoving_error(tmp_path):
 
 
 def test_core_imports_no_comfyui_and_no_heavy_library():
-    code = ("import sys, dreamoving_core.dwpose, dreamoving_core.zoedepth, dreamoving_core.pose_render, "
-            "dreamoving_core.pose_smoothing, dreamoving_core.pose_retarget\n"
+    code = ("import sys, dreamoving_core.preprocess.dwpose, dreamoving_core.preprocess.zoedepth, dreamoving_core.preprocess.render, "
+            "dreamoving_core.preprocess.smoothing, dreamoving_core.preprocess.retarget\n"
             "bad = [m for m in ('onnxruntime', 'cv2', 'transformers', 'comfy', 'folder_paths') if m in sys.modules]\n"
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

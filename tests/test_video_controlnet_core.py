@@ -12,11 +12,11 @@ import torch
 from devtools.tiny.controlnet import (control_lora, sd15_controlnet, sdxl_controlnet, t2i_adapter,
                                       video_controlnet)
 from devtools.tiny.motion import bad_file, motion_module, tiny_module
-from dreamoving_core.controlnet_format import (build_video_controlnet, detect_layout, load_video_controlnet,
+from dreamoving_core.control.format import (build_video_controlnet, detect_layout, load_video_controlnet,
                                                save_video_controlnet)
 from dreamoving_core.errors import ModelFormatError
 from dreamoving_core.io import load_state_dict, read_metadata
-from dreamoving_core.video_controlnet import ControlNetConfig, VideoControlNet
+from dreamoving_core.control.model import ControlNetConfig, VideoControlNet
 
 FRAMES = 4
 
@@ -179,7 +179,7 @@ def test_sdxl_diffusers_and_sd2_controlnets_are_refused():
 
 
 def load_video_controlnet_sd(sd: dict) -> VideoControlNet:
-    from dreamoving_core.controlnet_format import controlnet_weights
+    from dreamoving_core.control.format import controlnet_weights
     weights = controlnet_weights(sd, detect_layout(sd, "x.safetensors"), "x.safetensors")
     return build_video_controlnet(weights, "x.safetensors")
 
@@ -210,7 +210,7 @@ def test_full_size_sd15_config_is_inferred_from_a_real_shaped_state_dict():
     with torch.device("meta"):
         model = VideoControlNet(ControlNetConfig())
     weights = model.state_dict()
-    from dreamoving_core.controlnet_format import infer_config
+    from dreamoving_core.control.format import infer_config
     assert infer_config(weights, "control_v11p_sd15_openpose.pth") == ControlNetConfig()
     assert len(model.block_widths) == 12 and model.block_widths[-1] == 1280
     assert not any(k.startswith("input_blocks.10.1") for k in weights), "SD1.5's lowest level has no attention"

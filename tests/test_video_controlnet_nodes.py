@@ -16,7 +16,7 @@ from devtools.server import PACK_DIR
 from devtools.tiny import pack_nodes
 from devtools.tiny.controlnet import sd15_controlnet, sdxl_controlnet, video_controlnet
 from devtools.tiny.motion import motion_module
-from dreamoving_core.controlnet_format import load_video_controlnet
+from dreamoving_core.control.format import load_video_controlnet
 from tests.graphs import base_graph, run_latent
 
 FRAMES = 4
@@ -99,7 +99,7 @@ def test_full_size_sd15_layout_matches_comfyuis_controlnet_key_for_key(glue):
     import comfy.cldm.cldm
     import comfy.ops
 
-    from dreamoving_core.video_controlnet import ControlNetConfig, VideoControlNet
+    from dreamoving_core.control.model import ControlNetConfig, VideoControlNet
 
     with torch.device("meta"):
         ours = VideoControlNet(ControlNetConfig()).state_dict()

@@ -27,7 +27,7 @@ def tiny_controlnet_model(seed: int = 0):
     conv are random too, so residuals are not all zero and depend clearly on the hint."""
     import torch
 
-    from dreamoving_core.video_controlnet import ControlNetConfig, VideoControlNet
+    from dreamoving_core.control.model import ControlNetConfig, VideoControlNet
 
     with torch.random.fork_rng(), torch.no_grad():  # seeded without touching the caller's random state
         torch.manual_seed(seed)
@@ -106,8 +106,8 @@ def video_controlnet(seed: int = 0, zero_motion: bool = False) -> Path:
     """Our single-file Video ControlNet: the tiny ControlNet of ``seed`` + the down/mid blocks of a tiny AnimateDiff
     v2-shaped motion module (identity blocks when ``zero_motion``)."""
     from devtools.tiny.motion import tiny_module
-    from dreamoving_core.controlnet_format import save_video_controlnet
-    from dreamoving_core.video_controlnet import VideoControlNet
+    from dreamoving_core.control.format import save_video_controlnet
+    from dreamoving_core.control.model import VideoControlNet
 
     def build(path: Path) -> None:
         control = tiny_controlnet_model(seed)

@@ -29,7 +29,7 @@ def tiny_module(layout: str = "v2", *, zero_out: bool = False, seed: int = 0, ch
     output projection (each block is then the identity, as AnimateDiff initialises them)."""
     import torch
 
-    from dreamoving_core.motion import MotionModule, MotionModuleConfig, sinusoidal_positions
+    from dreamoving_core.motion.model import MotionModule, MotionModuleConfig, sinusoidal_positions
 
     config = MotionModuleConfig(channels=tuple(channels), down_layers=down_layers, up_layers=up_layers,
                                 mid_block=layout in ("v2", "dreamoving"), positional_length=POSITIONS[layout],
@@ -65,7 +65,7 @@ def motion_module(layout: str = "v2", ext: str = "safetensors", *, zero_out: boo
     safetensors only). AnimateDiff v1/v2 files are fp32 like the originals, v3 and ours fp16."""
     import torch
 
-    from dreamoving_core.motion_format import animatediff_state_dict, save_motion_module
+    from dreamoving_core.motion.format import animatediff_state_dict, save_motion_module
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
@@ -96,7 +96,7 @@ def _hotshot_key(key: str) -> str:
 def _build_bad(kind: str, path: Path) -> None:
     import torch
 
-    from dreamoving_core.motion_format import animatediff_state_dict
+    from dreamoving_core.motion.format import animatediff_state_dict
 
     if kind in ("sdxl", "hotshotxl"):
         # SDXL's three levels at narrow widths: the level count is what marks an SDXL motion module

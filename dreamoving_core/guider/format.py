@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import ModelFormatError
+from ..errors import ModelFormatError
 
 FORMAT_NAME = "dreamoving_content_guider"
 SLOTS = ("face", "cloth")

@@ -9,7 +9,7 @@ Accepted files (all SD1.5):
 - **video**: our single-file Video ControlNet (safetensors). Keys: ``control_model.<original ControlNet key>`` for
   the ControlNet (so ComfyUI's own loader reads the file as a plain ControlNet) and
   ``motion_modules.down_blocks.<level>.<j>.<MotionBlock key>`` / ``motion_modules.mid_block.<MotionBlock key>`` for the
-  motion blocks (``motion_format``'s native motion-module keys, without up blocks); metadata
+  motion blocks (``motion.format``'s native motion-module keys, without up blocks); metadata
   ``format = "dreamoving_video_controlnet"``, ``version = "1"``, ``motion_config = <JSON of MotionModuleConfig>``.
 
 Any of the first three can be combined with a motion module file (its down and mid blocks) into a Video ControlNet;
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelFormatError
-from .io import load_state_dict, read_metadata, save_state_dict
-from .motion import MotionBlock, MotionModuleConfig
-from .motion_format import load_motion_module, motion_module_from_state_dict
-from .video_controlnet import ControlNetConfig, VideoControlNet
+from ..errors import ModelFormatError
+from ..io import load_state_dict, read_metadata, save_state_dict
+from ..motion.model import MotionBlock, MotionModuleConfig
+from ..motion.format import load_motion_module, motion_module_from_state_dict
+from .model import ControlNetConfig, VideoControlNet
 
 FORMAT_NAME = "dreamoving_video_controlnet"
 FORMAT_VERSION = "1"
@@ -231,7 +231,7 @@ def load_video_controlnet(path: str | os.PathLike, motion_path: str | os.PathLik
     motion module file whose down/mid blocks become the ControlNet's motion blocks (they replace those of a Video
     ControlNet file). Without motion blocks the result is a plain per-frame ControlNet. The model is on the CPU in
     ``dtype`` (default: the ControlNet weights' dtype), in eval mode. ``positional_length`` / ``pe_extension`` go to
-    the motion module loader (see ``motion_format.motion_module_from_state_dict``).
+    the motion module loader (see ``motion.format.motion_module_from_state_dict``).
     """
     path = Path(path)
     sd = load_state_dict(path)

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .unet_blocks import (Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, conv3x3,
+from ..unet.blocks import (Downsample, ResBlock, SpatialTransformer, TimestepEmbedSequential, conv3x3,
                           timestep_embedding, zero_conv)
 
 HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)

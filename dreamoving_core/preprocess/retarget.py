@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputMismatchError
+from ..errors import InputMismatchError
 from .pose import LEFT_EYE, RIGHT_EYE, Person, PoseFrame
-from .pose_render import HAND_EDGES
+from .render import HAND_EDGES
 
 # (parent, child) pairs of the 18-keypoint body tree rooted at the neck (1), parents before children.
 BODY_TREE = (

@@ -11,7 +11,7 @@ DreaMoving: 64); a window of ``F`` frames uses rows ``0..F-1``. ``extend_positio
 any length, by recomputing the sinusoid for the new rows or by interpolating the stored ones.
 
 Module names follow AnimateDiff's checkpoints (``temporal_transformer.proj_in``,
-``transformer_blocks.0.attention_blocks.1.pos_encoder.pe``, ``ff.net.0.proj``...), see ``motion_format`` for the
+``transformer_blocks.0.attention_blocks.1.pos_encoder.pe``, ``ff.net.0.proj``...), see ``motion.format`` for the
 file key maps.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .errors import InputMismatchError
-from .unet_blocks import TORCH_OPS, FeedForward
+from ..errors import InputMismatchError
+from ..unet.blocks import TORCH_OPS, FeedForward
 
 DEFAULT_POSITIONAL_LENGTH = 64
 PE_EXTENSIONS = ("sinusoid", "interpolate")

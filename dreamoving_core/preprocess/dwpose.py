@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import DreaMovingError, ModelFormatError
+from ..errors import DreaMovingError, ModelFormatError
 from .pose import PoseFrame, from_wholebody
 
 log = logging.getLogger("dreamoving.dwpose")

@@ -23,10 +23,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .content_guider_format import (ENCODER_NAMES, EMBED_NAMES, ProjectionConfig, SourceWeights,
-                                    parse_guider_state_dict)
-from .errors import InputMismatchError, ModelFormatError
-from .io import load_state_dict, read_metadata
+from ..errors import InputMismatchError, ModelFormatError
+from ..io import load_state_dict, read_metadata
+from .format import EMBED_NAMES, ENCODER_NAMES, ProjectionConfig, SourceWeights, parse_guider_state_dict
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -118,7 +117,7 @@ class _Perceiver(nn.Module):
 
 class ImageProjection(nn.Module):
     """Image features → context tokens ``(B, N, context_dim)``, one class for every layout in
-    :mod:`dreamoving_core.content_guider_format` (parameter names match the files)."""
+    :mod:`dreamoving_core.guider.format` (parameter names match the files)."""
 
     def __init__(self, cfg: ProjectionConfig):
         super().__init__()

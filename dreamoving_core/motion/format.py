@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelFormatError
-from .io import load_state_dict, read_metadata, save_state_dict
-from .motion import (DEFAULT_POSITIONAL_LENGTH, PE_EXTENSIONS, TORCH_OPS, MotionModule, MotionModuleConfig,
+from ..errors import ModelFormatError
+from ..io import load_state_dict, read_metadata, save_state_dict
+from .model import (DEFAULT_POSITIONAL_LENGTH, PE_EXTENSIONS, TORCH_OPS, MotionModule, MotionModuleConfig,
                      PeExtension, extend_positional_encoding)
 
 FORMAT_NAME = "dreamoving_motion_module"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ModelFormatError
+from ..errors import ModelFormatError
 
 NEAR_PERCENTILE, FAR_PERCENTILE = 2.0, 85.0
 QUANTILE_SAMPLES = 4_000_000  # torch.quantile refuses inputs over 16M elements; a strided sample is plenty

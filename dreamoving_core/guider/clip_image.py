@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .content_guider import ImageFeatures
-from .errors import ModelFormatError
-from .io import load_state_dict
+from ..errors import ModelFormatError
+from ..io import load_state_dict
+from .model import ImageFeatures
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

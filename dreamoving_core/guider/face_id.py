@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputMismatchError, ModelFormatError
+from ..errors import InputMismatchError, ModelFormatError
 
 log = logging.getLogger(__name__)
 

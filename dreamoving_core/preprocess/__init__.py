@@ -1,0 +1,1 @@
+"""Hints from a driving video: DWPose whole-body keypoints (and their rendering, smoothing, retargeting), ZoeDepth."""

@@ -1,0 +1,1 @@
+"""SD1.5 U-Net pieces shared by the motion blocks and the Video ControlNet: the blocks in LDM naming."""
