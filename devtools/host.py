@@ -75,6 +75,7 @@ def ensure_venv() -> Path:
         venv.EnvBuilder(with_pip=True).create(venv_dir())
     torch_spec = os.environ.get("DREAMOVING_TORCH", DEFAULT_TORCH)
     reqs = [PACK_DIR / "requirements.txt", PACK_DIR / "requirements-dev.txt"]
+    hashed = [*reqs, PACK_DIR / "requirements-train.txt"]  # included by requirements-dev.txt
 
     def install() -> None:
         _log(f"installing {torch_spec}")
@@ -82,7 +83,7 @@ def ensure_venv() -> Path:
         _log("installing the pack's requirements")
         _pip(python, *[a for r in reqs for a in ("-r", str(r))])
 
-    _stamped(venv_dir() / ".dreamoving-stamp", _digest(torch_spec, *reqs), install)
+    _stamped(venv_dir() / ".dreamoving-stamp", _digest(torch_spec, *hashed), install)
     return python
 
 
