@@ -22,7 +22,7 @@ from dreamoving_core.guider.kernel import fused_decoupled_cross_attention
 from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.guider.face_id import FaceAnalyzer, find_pack, list_packs
 
-from ._comfy import reports_errors
+from ._common import reports_errors
 
 CATEGORY = "DreaMoving/Content"
 GUIDER_FOLDERS = ("dreamoving_content_guider", "ipadapter")

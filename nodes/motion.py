@@ -32,7 +32,7 @@ from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.motion.model import DEFAULT_POSITIONAL_LENGTH, PE_EXTENSIONS, MotionBlock, MotionModule
 from dreamoving_core.motion.format import load_motion_module
 
-from ._comfy import node_error, reports_errors
+from ._common import node_error, reports_errors
 
 CATEGORY = "DreaMoving/Motion"
 LOAD_NAME = "Load Motion Module"

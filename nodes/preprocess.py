@@ -24,7 +24,7 @@ from dreamoving_core.preprocess.retarget import retarget_poses
 from dreamoving_core.preprocess.smoothing import smooth_poses
 from dreamoving_core.preprocess.zoedepth import depth_to_hint, load_zoedepth
 
-from ._comfy import reports_errors
+from ._common import reports_errors
 
 CATEGORY = "DreaMoving/Preprocess"
 DWPOSE_NAME = "DWPose Estimator"

@@ -26,7 +26,7 @@ from dreamoving_core.control.format import load_video_controlnet
 from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.control.model import VideoControlNet
 
-from ._comfy import node_error, reports_errors
+from ._common import node_error, reports_errors
 from .motion import motion_file_names, motion_file_path, window_frame_indices
 
 CATEGORY = "DreaMoving/Control"

@@ -1,7 +1,4 @@
-"""The few lines that touch ComfyUI internals shared by several topics: model folders and error wrapping.
-
-Keeping them together means a ComfyUI update touches one place.
-"""
+"""Glue shared by every topic: the model folders the pack registers with ``folder_paths``, and error wrapping."""
 from __future__ import annotations
 
 import functools
