@@ -6,14 +6,17 @@ runs through ComfyUI's ``forward_timestep_embed_patch`` hook. The motion weights
 registered as an additional model, so ComfyUI's memory management loads and offloads them with the U-Net. The
 patcher restores the original blocks when another model is loaded, after a prompt ends, fails or is interrupted.
 
-Long videos use ComfyUI's own context windows (``comfy.context_windows.IndexListContextHandler``): each U-Net call
-then holds one window of frames, and ``transformer_options["context_window"].index_list`` names its frames (see
-``window_frame_indices``), which is how ControlNet hints and guider conditioning follow the same windows.
+Long videos use ComfyUI's own context windows (``comfy.context_windows.IndexListContextHandler``, with the fixes
+of ``_comfy.py`` where the host needs them): each U-Net call then holds one window of frames, and
+``transformer_options["context_window"].index_list`` names its frames, which is how ControlNet hints follow the same
+windows. Frame counts are checked when the patch is applied where the MODEL already carries the windows, otherwise
+before the first sampling step; either way the message names the Apply Motion Module node.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,6 +35,7 @@ from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.motion.model import DEFAULT_POSITIONAL_LENGTH, PE_EXTENSIONS, MotionBlock, MotionModule
 from dreamoving_core.motion.format import load_motion_module
 
+from ._comfy import context_handler_class, frame_windows
 from ._common import node_error, reports_errors
 
 CATEGORY = "DreaMoving/Motion"
@@ -55,28 +59,6 @@ class LoadedMotionModule:
     patcher: comfy.model_patcher.ModelPatcher
 
 
-class FrameContextHandler(comfy.context_windows.IndexListContextHandler):
-    """ComfyUI's index-list context windows over dimension 0, where SD1.5 videos keep their frames.
-
-    ComfyUI 0.3.75 finds the current step (which shifts the uniform schedules' windows) by looking the timestep up in
-    the schedule's sigmas. That fails with frames in the batch (one timestep per frame) and for samplers that also
-    evaluate between two sigmas (Heun, DPM2, SDE variants); here such an evaluation counts as the step it is in.
-    """
-
-    def set_step(self, timestep: torch.Tensor, model_options: dict) -> None:
-        sigmas = model_options["transformer_options"]["sample_sigmas"]
-        sigma = timestep.reshape(-1)[0].to(sigmas)
-        self._step = max(int((sigmas >= sigma * (1 - 1e-4)).sum()) - 1, 0)
-
-    @classmethod
-    def like(cls, handler: comfy.context_windows.IndexListContextHandler) -> FrameContextHandler:
-        """The same windows as ``handler`` (e.g. from the core Context Windows node), working over frames."""
-        frames = cls(handler.context_schedule, handler.fuse_method, handler.context_length, handler.context_overlap,
-                     handler.context_stride, handler.closed_loop, dim=0)
-        frames.callbacks = handler.callbacks
-        return frames
-
-
 @dataclass(frozen=True)
 class ContextOptions:
     """Sliding context windows over frames, in the terms of ``comfy.context_windows``."""
@@ -88,20 +70,12 @@ class ContextOptions:
     closed_loop: bool = False
     fuse_method: str = comfy.context_windows.ContextFuseMethods.PYRAMID
 
-    def handler(self) -> FrameContextHandler:
-        return FrameContextHandler(
+    def handler(self) -> comfy.context_windows.IndexListContextHandler:
+        return context_handler_class()(
             context_schedule=comfy.context_windows.get_matching_context_schedule(self.schedule),
             fuse_method=comfy.context_windows.get_matching_fuse_method(self.fuse_method),
             context_length=self.length, context_overlap=self.overlap, context_stride=self.stride,
             closed_loop=self.closed_loop, dim=0)
-
-
-def window_frame_indices(transformer_options: dict, num_frames: int) -> list[int]:
-    """Indices (into the whole video) of the frames in the current U-Net call: the context window's frames when
-    ComfyUI's context windows are active, else ``0..num_frames-1``. Per-frame inputs (ControlNet hints, guider
-    features) pick their frames with it."""
-    window = transformer_options.get("context_window")
-    return list(window.index_list) if window is not None else list(range(num_frames))
 
 
 def motion_file_names() -> list[str]:
@@ -148,9 +122,10 @@ class MotionSlot(torch.nn.Module):
         return self.block(x, x.shape[0] // videos, self.scale)
 
 
-def run_motion_slot(layer, x, emb, context, transformer_options, output_shape, time_context, num_video_frames,
-                    image_only_indicator):
-    """``forward_timestep_embed_patch`` handler for ``MotionSlot`` layers."""
+def run_motion_slot(layer, x, emb, context, transformer_options, *more: Any, **named: Any):
+    """``forward_timestep_embed_patch`` handler for ``MotionSlot`` layers. ComfyUI passes ``(layer, x, emb, context,
+    transformer_options, output_shape, ...)`` by position; only the first five are read, so arguments it adds later
+    pass through."""
     return layer(x, transformer_options)
 
 
@@ -236,7 +211,7 @@ def _with_slot(block: TimestepEmbedSequential, before: int | None = None,
                slot: MotionSlot | None = None) -> TimestepEmbedSequential:
     """A new block with the same layers under the same names (so weight keys and LoRA patches still resolve), the
     motion slots of an earlier application dropped and ``slot`` (if any) inserted before layer ``before``."""
-    layers = [(name, layer) for name, layer in block._modules.items() if not isinstance(layer, MotionSlot)]
+    layers = [(name, layer) for name, layer in block.named_children() if not isinstance(layer, MotionSlot)]
     if slot is not None:
         layers.insert(len(layers) if before is None else before, ("motion", slot))
     patched = TimestepEmbedSequential(OrderedDict(layers))
@@ -254,41 +229,58 @@ def _eject(model: comfy.model_patcher.ModelPatcher) -> None:
         if _has_slot(obj):
             model.add_object_patch(path, _with_slot(obj))
     model.remove_additional_models(ADDITIONAL_MODELS_KEY)
-    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY)
+
+
+def frames_problem(motion: str, positions: int, handler: comfy.context_windows.IndexListContextHandler | None,
+                   frames: int | None = None) -> str | None:
+    """Why the frames the motion module ``motion`` sees at once do not fit its ``positions``, or None: the context
+    windows of ``handler`` (a MODEL's ``context_handler``, None without windows) for a video of ``frames`` frames
+    (None: not known yet, only the windows are checked)."""
+    if handler is not None and getattr(handler, "dim", 0) != 0:
+        return (f"the context windows on this MODEL run over dimension {handler.dim}, but SD1.5 videos keep their "
+                "frames in dimension 0; set dim to 0 on the Context Windows node, or use Motion Context Options")
+    window = getattr(handler, "context_length", None) if handler is not None else None
+    at_once = window if frames is None else frames if window is None else min(frames, window)
+    if at_once is None or at_once <= positions:
+        return None
+    if at_once == window:
+        return (f"context windows of {window} frames are longer than the {positions} positions of '{motion}'; "
+                "shorten the windows (context_length) or load the module with a longer positional length")
+    fix = (f"shorten the context windows to at most {positions} frames" if window is not None else
+           "connect Motion Context Options (e.g. 16 frames, overlap 4)")
+    return (f"{at_once} frames run through the motion module at once but '{motion}' has {positions} positions; "
+            f"{fix}, or load it with a longer positional length")
 
 
 class FrameCheck:
-    """Outer-sample wrapper: before any step, checks the frame count against the motion module's positions and the
-    context windows, so a mismatch is one clear message instead of an error deep inside the U-Net."""
+    """Sampler wrapper (``WrappersMP.SAMPLER_SAMPLE``): before the first step, gives the run's context windows this
+    host's fixes (``_comfy.frame_windows``, in the run's own ``model_options``) and checks the frames that run
+    through the motion module at once against its positions, so a mismatch is one message naming the Apply Motion
+    Module node (``node``) instead of an error deep inside the U-Net."""
 
-    def __init__(self, name: str, positions: int):
+    def __init__(self, name: str, positions: int, node: str = APPLY_NAME):
         self.name = name
         self.positions = positions
+        self.node = node
 
-    def __call__(self, executor, noise, *args, **kwargs):
-        frames = noise.shape[0]
-        model_options = executor.class_obj.model_options  # this sampling run's own copy
+    def __call__(self, executor, guider, sigmas, extra_args: dict, callback, noise: torch.Tensor, *args, **kwargs):
+        model_options = extra_args["model_options"]
         handler = model_options.get("context_handler")
-        if handler is not None and getattr(handler, "dim", 0) != 0:
-            raise node_error(APPLY_NAME, f"context windows run over dimension {handler.dim}, but SD1.5 videos keep "
-                                         "their frames in dimension 0; set dim to 0 or use Motion Context Options")
-        if type(handler) is comfy.context_windows.IndexListContextHandler:
-            model_options["context_handler"] = handler = FrameContextHandler.like(handler)
-        window = getattr(handler, "context_length", None) if handler is not None else None
-        longest = frames if window is None else min(frames, window)
-        if longest > self.positions:
-            hint = (f"use context windows of at most {self.positions} frames" if window is not None else
-                    "connect Motion Context Options (e.g. 16 frames, overlap 4)")
-            raise node_error(APPLY_NAME, f"{longest} frames run through the motion module at once but "
-                                         f"'{self.name}' has {self.positions} positions; {hint}, or load it with a "
-                                         "longer positional length")
-        return executor(noise, *args, **kwargs)
+        if handler is not None:
+            model_options["context_handler"] = frame_windows(handler)
+        problem = frames_problem(self.name, self.positions, handler, frames=noise.shape[0])
+        if problem:
+            raise node_error(self.node, problem)
+        return executor(guider, sigmas, extra_args, callback, noise, *args, **kwargs)
 
 
-def apply_motion(model, motion: LoadedMotionModule, scale: float,
-                 context: ContextOptions | None = None) -> comfy.model_patcher.ModelPatcher:
+def apply_motion(model, motion: LoadedMotionModule, scale: float, context: ContextOptions | None = None,
+                 node_id: str | None = None) -> comfy.model_patcher.ModelPatcher:
     """A clone of ``model`` with ``motion``'s blocks injected at ``scale`` (0: none), replacing any motion module an
-    earlier Apply Motion Module gave it."""
+    earlier Apply Motion Module gave it. Context windows the MODEL already carries (``context`` or a core Context
+    Windows node before this one) are checked against the module's positions now (``InputMismatchError``), others
+    before sampling, in an error naming the Apply Motion Module node ``node_id``."""
     patched = model.clone()
     _eject(patched)
     if context is not None:
@@ -296,6 +288,10 @@ def apply_motion(model, motion: LoadedMotionModule, scale: float,
         comfy.context_windows.create_prepare_sampling_wrapper(patched)
     if scale == 0:
         return patched
+    positions = motion.module.config.positional_length
+    problem = frames_problem(motion.name, positions, patched.model_options.get("context_handler"))
+    if problem:
+        raise InputMismatchError(problem)
     unet = patched.get_model_object("diffusion_model")
     down, mid, up = injection_sites(unet)
     check_fit(motion, down, mid, up)
@@ -311,8 +307,9 @@ def apply_motion(model, motion: LoadedMotionModule, scale: float,
     if (MotionSlot, run_motion_slot) not in patches.get("forward_timestep_embed_patch", []):
         patched.set_model_forward_timestep_embed_patch((MotionSlot, run_motion_slot))
     patched.set_additional_models(ADDITIONAL_MODELS_KEY, [motion.patcher.clone()])
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY,
-                                 FrameCheck(motion.name, module.config.positional_length))
+    node = APPLY_NAME if node_id is None else f"{APPLY_NAME} (node {node_id})"
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,
+                                 FrameCheck(motion.name, positions, node))
     return patched
 
 
@@ -369,18 +366,15 @@ class ApplyMotionModule(io.ComfyNode):
                                                "positional_length frames."),
             ],
             outputs=[io.Model.Output(tooltip="A copy of the MODEL with motion blocks; use it in the sampler.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     @reports_errors(APPLY_NAME)
     def execute(cls, model, motion_module: LoadedMotionModule, motion_scale: float,
                 context_options: ContextOptions | None = None) -> io.NodeOutput:
-        positions = motion_module.module.config.positional_length
-        if context_options is not None and context_options.length > positions:
-            raise InputMismatchError(
-                f"context windows of {context_options.length} frames are longer than the {positions} positions "
-                f"of '{motion_module.name}'; shorten the windows or load it with a longer positional length")
-        return io.NodeOutput(apply_motion(model, motion_module, motion_scale, context_options))
+        return io.NodeOutput(apply_motion(model, motion_module, motion_scale, context_options,
+                                          node_id=cls.hidden.unique_id))
 
 
 class MotionContextOptions(io.ComfyNode):

@@ -1,33 +1,35 @@
 """Video ControlNet nodes: load a (Video) ControlNet, apply it with per-frame pose/depth hints.
 
-``VideoControl`` subclasses ComfyUI's ``comfy.controlnet.ControlNet`` (itself a ``ControlBase``), so it is carried in
-the conditioning like any ControlNet: it chains through ``previous_controlnet`` with other Video ControlNets and core
-ControlNets (pose + depth = two Apply nodes in a row), its model is wrapped in a ``ModelPatcher`` and loaded/offloaded
-by ComfyUI's memory manager, and strength and start/end percent behave as in core. Nothing is patched on the U-Net:
-the residuals go through ComfyUI's ``control`` path, so no state outlives a prompt.
+``VideoControl`` is ComfyUI's ``comfy.controlnet.ControlNet`` (a ``ControlBase``) with hints that follow context
+windows (``_comfy.WindowedControlNet``): ComfyUI's own ``get_control`` and Apply ControlNet loop
+(``nodes.ControlNetApplyAdvanced``) run it, so it is carried in the conditioning like any ControlNet, chains through
+``previous_controlnet`` with other Video ControlNets and core ControlNets (pose + depth = two Apply nodes in a row),
+its model is wrapped in a ``ModelPatcher`` and loaded/offloaded by ComfyUI's memory manager, and strength and
+start/end percent behave as in core. Nothing is patched on the U-Net: the residuals go through ComfyUI's
+``control`` path, so no state outlives a prompt.
 
 Frames: ComfyUI batches the cond and uncond videos of one step, ``batched_number`` of them, so a call holds
-``batch // batched_number`` frames. With ComfyUI's context windows (Motion Context Options) a call holds one window,
-and ``transformer_options["context_window"].index_list`` names its frames: the hints are sliced with it, so the
-residuals follow the same windows as the U-Net's motion blocks.
+``batch // batched_number`` frames. With context windows (Motion Context Options, or the core Context Windows node)
+a call holds one window and gets that window's hints, so the residuals follow the same windows as the U-Net's
+motion blocks. A hint count that does not match the video is found in the first call and reported in the name of
+the Apply node (with its node id: ComfyUI reports the sampler, which was running).
 """
 from __future__ import annotations
 
 import torch
-from einops import repeat
 
-import comfy.controlnet
 import comfy.model_management
-import comfy.utils
 import folder_paths
+import nodes
 from comfy_api.latest import io
 
 from dreamoving_core.control.format import load_video_controlnet
 from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.control.model import VideoControlNet
 
+from ._comfy import WindowedControlNet
 from ._common import node_error, reports_errors
-from .motion import motion_file_names, motion_file_path, window_frame_indices
+from .motion import motion_file_names, motion_file_path
 
 CATEGORY = "DreaMoving/Control"
 LOAD_NAME = "Load Video ControlNet"
@@ -38,70 +40,65 @@ NO_MOTION = "none"
 VideoControlNetIO = io.Custom("VIDEO_CONTROLNET")
 
 
-class VideoControl(comfy.controlnet.ControlNet):
+class ComfyControlModel(torch.nn.Module):
+    """The control model ComfyUI's ``get_control`` calls: a ``VideoControlNet`` answering with ComfyUI's residual
+    dict (``output``: one residual per U-Net input block, ``middle``: the middle block's)."""
+
+    def __init__(self, net: VideoControlNet):
+        super().__init__()
+        self.net = net
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.dtype
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                num_frames: int) -> dict[str, list[torch.Tensor]]:
+        residuals = self.net(x, hint, timesteps, context, num_frames)
+        return {"input": [], "middle": [residuals.mid], "output": list(residuals.down)}
+
+
+class VideoControl(WindowedControlNet):
     """ComfyUI control object for a ``VideoControlNet``: one per Apply node (a ``copy()`` holding that node's hints),
-    all sharing the loaded model and its ``ModelPatcher``."""
+    all sharing the loaded model and its ``ModelPatcher``. ``node`` names the Apply node in errors raised while
+    sampling (where ComfyUI reports the sampler)."""
 
     def __init__(self, control_model: VideoControlNet | None, name: str, load_device=None):
-        super().__init__(control_model, load_device=load_device)
+        super().__init__(None if control_model is None else ComfyControlModel(control_model),
+                         load_device=load_device)
         self.name = name
+        self.node = APPLY_NAME
 
     def copy(self) -> VideoControl:
         c = VideoControl(None, self.name, load_device=self.load_device)
         c.control_model = self.control_model
         c.control_model_wrapped = self.control_model_wrapped
+        c.node = self.node
         self.copy_to(c)
         return c
 
-    def frame_hints(self, frames: list[int], whole_video: bool, height: int, width: int, device,
-                    dtype) -> torch.Tensor:
-        """The hints of ``frames`` at ``height x width`` pixels: ``(len(frames), 3, height, width)``.
+    @property
+    def positions(self) -> int | None:
+        """Frames the Video ControlNet's motion blocks see at once (None: it has none)."""
+        return getattr(self.control_model.net.motion_config, "positional_length", None)
 
-        ``whole_video``: the call holds every frame (no context window), so the hint count must equal it; under
-        context windows the hints must cover every index. The resized hint video is cached until the latent size
-        changes."""
-        count = self.cond_hint_original.shape[0]
-        if count != 1 and (count != len(frames) if whole_video else count <= max(frames)):
-            raise node_error(APPLY_NAME, hint_count_message(count, len(frames) if whole_video else None,
-                                                            max(frames) + 1))
-        if self.cond_hint is None or self.cond_hint.shape[-2:] != (height, width):
-            self.cond_hint = comfy.utils.common_upscale(self.cond_hint_original, width, height,
-                                                        self.upscale_algorithm, "center").to(device, dtype)
-        return self.cond_hint.expand(len(frames), -1, -1, -1) if count == 1 else self.cond_hint[frames]
-
-    def get_control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict, batched_number: int,
-                    transformer_options: dict):
-        """Residuals for ``x_noisy: (batched_number·F, 4, h, w)``, merged with the previous ControlNets' (core
-        semantics: strength scales ours only, outside start/end percent only the previous ones are returned)."""
-        control_prev = None
-        if self.previous_controlnet is not None:
-            control_prev = self.previous_controlnet.get_control(x_noisy, t, cond, batched_number, transformer_options)
-        if self.timestep_range is not None and (t[0] > self.timestep_range[0] or t[0] < self.timestep_range[1]):
-            return control_prev
-
-        num_frames = x_noisy.shape[0] // batched_number
-        frames = window_frame_indices(transformer_options, num_frames)
-        whole_video = "context_window" not in transformer_options or len(frames) != num_frames
-        if whole_video:
-            frames = list(range(num_frames))
-        dtype = self.control_model.dtype
-        device = x_noisy.device
-        hint = self.frame_hints(frames, whole_video, x_noisy.shape[-2] * self.compression_ratio,
-                                x_noisy.shape[-1] * self.compression_ratio, device, dtype)
-        hint = repeat(hint, "f c h w -> (b f) c h w", b=batched_number)
-        context = cond.get("crossattn_controlnet", cond["c_crossattn"])
-        sampling = self.model_sampling_current
-        x = sampling.calculate_input(t, x_noisy)
-        residuals = self.control_model(x.to(dtype), hint, sampling.timestep(t).float(),
-                                       comfy.model_management.cast_to_device(context, device, dtype), num_frames)
-        return self.control_merge({"input": [], "middle": [residuals.mid], "output": list(residuals.down)},
-                                  control_prev, output_dtype=None)
+    def check_frames(self, frames: int, video: int | None, window: list[int] | None) -> None:
+        hints = self.cond_hint_original.shape[0]
+        needed = max(window) + 1 if window else frames
+        if hints != 1 and (hints != video if video is not None else hints < needed):
+            raise node_error(self.node, hint_count_message(hints, video, needed))
+        if self.positions is not None and frames > self.positions:
+            raise node_error(self.node, f"{frames} frames run through the motion blocks of '{self.name}' at once "
+                                        f"but they have {self.positions} positions; sample in context windows of "
+                                        f"at most {self.positions} frames (Motion Context Options on Apply Motion "
+                                        "Module)")
 
 
 def hint_count_message(count: int, frames: int | None, needed: int) -> str:
-    """'got N hint images for a video of F frames' (``frames`` None under context windows: at least ``needed``)."""
-    video = f"a video of {frames} frames" if frames is not None else f"a video of at least {needed} frames"
-    return (f"got {count} hint images for {video}; the images input needs one image per frame ({frames or needed}), "
+    """'got N hint images for a video of F frames' (``frames`` None: a context window reaches frame ``needed``)."""
+    video = f"a video of {frames} frames" if frames is not None else \
+        f"a video whose context windows reach frame {needed}"
+    return (f"got {count} hint images for {video}; the images input needs one image per frame of the video, "
             "or a single image for all frames")
 
 
@@ -186,6 +183,7 @@ class ApplyVideoControlNet(io.ComfyNode):
             ],
             outputs=[io.Conditioning.Output(display_name="positive"),
                      io.Conditioning.Output(display_name="negative")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
@@ -196,31 +194,19 @@ class ApplyVideoControlNet(io.ComfyNode):
                                          f"{tuple(images.shape)}")
         if start_percent > end_percent:
             raise node_error(APPLY_NAME, f"start_percent ({start_percent}) is after end_percent ({end_percent})")
-        if strength == 0:
-            return io.NodeOutput(positive, negative)
-        return io.NodeOutput(*apply_control(positive, negative, video_controlnet, images.movedim(-1, 1), strength,
-                                            (start_percent, end_percent), vae))
+        return io.NodeOutput(*apply_control(positive, negative, video_controlnet, images, strength,
+                                            (start_percent, end_percent), vae, node_id=cls.hidden.unique_id))
 
 
-def apply_control(positive, negative, control: VideoControl, hint: torch.Tensor, strength: float,
-                  percent_range: tuple[float, float], vae=None) -> tuple[list, list]:
-    """Conditioning copies carrying a copy of ``control`` with ``hint: (F, 3, H, W)`` chained after each entry's
-    previous ControlNet; entries that shared a ControlNet share the new one (so cond and uncond still batch)."""
-    by_previous: dict = {}
-    out = []
-    for conditioning in (positive, negative):
-        entries = []
-        for embedding, options in conditioning:
-            options = options.copy()
-            previous = options.get("control")
-            if previous not in by_previous:
-                by_previous[previous] = control.copy().set_cond_hint(hint, strength, percent_range, vae=vae)
-                by_previous[previous].set_previous_controlnet(previous)
-            options["control"] = by_previous[previous]
-            options["control_apply_to_uncond"] = False
-            entries.append([embedding, options])
-        out.append(entries)
-    return out[0], out[1]
+def apply_control(positive, negative, control: VideoControl, images: torch.Tensor, strength: float,
+                  percent_range: tuple[float, float], vae=None, node_id: str | None = None) -> tuple[list, list]:
+    """ComfyUI's own Apply ControlNet (``nodes.ControlNetApplyAdvanced``) with ``control`` and the hint video
+    ``images: (F, H, W, 3)``: conditioning copies whose entries carry a copy chained after their previous
+    ControlNet. Errors found while sampling name the Apply node ``node_id``."""
+    control = control.copy()
+    control.node = APPLY_NAME if node_id is None else f"{APPLY_NAME} (node {node_id})"
+    return nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, images, strength,
+                                                            *percent_range, vae=vae)
 
 
 NODES: list[type[io.ComfyNode]] = [LoadVideoControlNet, ApplyVideoControlNet]

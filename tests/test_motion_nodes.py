@@ -117,7 +117,45 @@ def test_frame_windows_find_the_step_for_per_frame_and_in_between_timesteps(glue
         assert handler._step == step
     windows = handler.get_context_windows(None, torch.zeros(10, 4, 8, 8), options)
     assert sorted({i for w in windows for i in w.index_list}) == list(range(10))
-    assert all(len(w.index_list) == 4 for w in windows)
+    assert all(len(w.index_list) == 4 and w.total_frames == 10 for w in windows)
+
+
+def test_context_fixes_are_applied_exactly_where_the_hosts_own_handler_needs_them(glue):
+    import comfy.context_windows as cw
+
+    overrides = pack_nodes("_comfy")
+    own = cw.IndexListContextHandler(cw.get_matching_context_schedule("standard_uniform"),
+                                     cw.get_matching_fuse_method("pyramid"), context_length=4, context_overlap=1)
+    options = {"transformer_options": {"sample_sigmas": torch.tensor([14.6, 6.1, 2.2, 0.0])}}
+    try:  # 8 frames, evaluated between the first two sigmas (as Heun's second evaluation is)
+        own.set_step(torch.full((8,), 4.0), options)
+        finds_steps = own._step == 0
+    except Exception:
+        finds_steps = False
+    knows_length = all(getattr(w, "total_frames", None) == 10
+                       for w in own.get_context_windows(None, torch.zeros(10, 4, 8, 8), options))
+    assert (overrides.HOST_FINDS_STEPS, overrides.HOST_WINDOWS_KNOW_LENGTH) == (finds_steps, knows_length)
+    fixed = type(glue.ContextOptions().handler())
+    assert fixed is (cw.IndexListContextHandler if finds_steps and knows_length else overrides.FrameContextHandler)
+
+
+def test_a_core_context_handler_is_copied_with_every_setting_it_has(glue):
+    import inspect
+
+    import comfy.context_windows as cw
+
+    overrides = pack_nodes("_comfy")
+    settings = {"context_schedule": cw.get_matching_context_schedule("looped_uniform"),
+                "fuse_method": cw.get_matching_fuse_method("flat"), "context_length": 9, "context_overlap": 3,
+                "context_stride": 2, "closed_loop": True, "dim": 0, "freenoise": True,
+                "cond_retain_index_list": "0,2", "split_conds_to_windows": True}
+    accepted = set(inspect.signature(cw.IndexListContextHandler.__init__).parameters) - {"self"}
+    assert accepted <= set(settings), f"the host's handler has new settings {accepted - set(settings)}: add them"
+    core = cw.IndexListContextHandler(**{k: v for k, v in settings.items() if k in accepted})
+    core.callbacks = {cw.IndexListCallbacks.EXECUTE_START: {"other_pack": [print]}}
+    copied = overrides.frame_windows(core)
+    assert isinstance(copied, overrides.context_handler_class())
+    assert vars(copied) == vars(core) and vars(core)["callbacks"] is vars(copied)["callbacks"]
 
 
 def test_mismatched_unet_is_refused_at_apply_time(glue, tiny_model):
@@ -273,15 +311,82 @@ def test_long_videos_run_in_windows_no_longer_than_the_positions(comfy, tiny_che
         latent(comfy, tiny_checkpoint, mm["v1.ckpt"], frames=24, positional_length=16, context={"context_length": 24})
 
 
-def test_core_context_windows_node_works_with_motion(comfy, tiny_checkpoint, mm):
-    g, refs = base_graph(tiny_checkpoint, frames=24, prefix="core_windows")
-    splice_motion(g, refs, mm["v1.ckpt"], positional_length=16)
-    apply_ref = g.nodes[refs["sampler"].id]["inputs"]["model"]
-    windows = g.node("ContextWindowsManual", model=apply_ref, context_length=16, context_overlap=4,
-                     context_schedule="standard_static", context_stride=1, closed_loop=False, fuse_method="pyramid",
-                     dim=0)
-    g.set(refs["sampler"], model=windows[0])
-    assert run_latent(comfy, g, refs["save"]).shape[0] == 24
+WINDOWS = {"context_length": 8, "context_overlap": 3, "context_schedule": "standard_uniform", "context_stride": 2,
+           "closed_loop": False, "fuse_method": "flat"}
+
+
+def core_windows(comfy, g, model, **settings):
+    """ComfyUI's own Context Windows (Manual) node on ``model`` with ``WINDOWS`` and ``settings``, over frames."""
+    inputs = {**WINDOWS, "dim": 0, **settings}
+    if "freenoise" in comfy.object_info("ContextWindowsManual")["ContextWindowsManual"]["input"]["required"]:
+        inputs.setdefault("freenoise", False)  # a required input since ComfyUI 0.8.0
+    return g.node("ContextWindowsManual", model=model, **inputs)
+
+
+def motion_with_core_windows(comfy, checkpoint, motion, order, frames=20, positional_length=64, prefix="core",
+                             **settings):
+    """base graph with Apply Motion Module and the core Context Windows node ``before`` or ``after`` it."""
+    g, refs = base_graph(checkpoint, frames=frames, prefix=prefix)
+    if order == "before":
+        refs["model"] = core_windows(comfy, g, refs["model"], **settings)[0]
+        splice_motion(g, refs, motion, positional_length=positional_length)
+    else:
+        splice_motion(g, refs, motion, positional_length=positional_length)
+        g.set(refs["sampler"], model=core_windows(comfy, g, g.nodes[refs["sampler"].id]["inputs"]["model"],
+                                                  **settings)[0])
+    return g, refs
+
+
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_every_setting_of_the_core_context_windows_node_reaches_the_sampler(comfy, tiny_checkpoint, mm, order):
+    ours = latent(comfy, tiny_checkpoint, mm["v2.ckpt"], frames=20, context=WINDOWS)
+    g, refs = motion_with_core_windows(comfy, tiny_checkpoint, mm["v2.ckpt"], order, prefix=f"core_{order}")
+    assert torch.equal(run_latent(comfy, g, refs["save"]), ours), "the core node's windows differ from the same ones"
+    plain_windows = latent(comfy, tiny_checkpoint, mm["v2.ckpt"], frames=20, context={**WINDOWS, "context_stride": 1})
+    assert not torch.equal(plain_windows, ours), "context_stride changed nothing: the comparison proves nothing"
+
+
+def test_freenoise_set_on_the_core_context_windows_node_reaches_the_sampler(comfy, tiny_checkpoint, mm):
+    inputs = comfy.object_info("ContextWindowsManual")["ContextWindowsManual"]["input"]["required"]
+    if "freenoise" not in inputs:
+        pytest.skip("this ComfyUI's Context Windows node has no FreeNoise (it came with ComfyUI 0.8.0)")
+    runs = {}
+    for freenoise in (False, True):
+        g, refs = motion_with_core_windows(comfy, tiny_checkpoint, mm["v2.ckpt"], "after",
+                                           prefix=f"freenoise_{freenoise}", freenoise=freenoise)
+        before = comfy.server.log().count("Applying FreeNoise")
+        runs[freenoise] = run_latent(comfy, g, refs["save"])
+        assert comfy.server.log().count("Applying FreeNoise") - before == int(freenoise)
+    assert not torch.equal(runs[True], runs[False])
+
+
+def test_frame_count_errors_name_the_apply_motion_module_node_and_come_as_early_as_possible(comfy, tiny_checkpoint,
+                                                                                          mm):
+    def failure(g):
+        with pytest.raises(ExecutionFailed) as failed:
+            comfy.run(g.to_api())
+        return failed.value
+
+    # the MODEL carries windows longer than the positions when the patch is applied: refused by Apply Motion Module
+    g, refs = motion_with_core_windows(comfy, tiny_checkpoint, mm["v3.ckpt"], "before", frames=12,
+                                       positional_length=6, prefix="early")
+    early = failure(g)
+    assert early.node_type == "DreaMovingApplyMotionModule"
+    assert early.message.startswith("Apply Motion Module: context windows of 8 frames are longer than the 6 "
+                                    f"positions of '{mm['v3.ckpt']}'"), early.message
+    # windows added after the patch, or no windows: found before the first step, in the Apply node's name and id
+    for order, expected in (("after", "context windows of 8 frames are longer than the 6 positions"),
+                            (None, "12 frames run through the motion module at once but")):
+        if order is None:
+            g, refs = base_graph(tiny_checkpoint, frames=12, prefix="late")
+            splice_motion(g, refs, mm["v3.ckpt"], positional_length=6)
+        else:
+            g, refs = motion_with_core_windows(comfy, tiny_checkpoint, mm["v3.ckpt"], order, frames=12,
+                                               positional_length=6, prefix="late_core")
+        apply_id = next(k for k, v in g.nodes.items() if v["class_type"] == "DreaMovingApplyMotionModule")
+        late = failure(g)
+        assert late.node_type == "KSampler"
+        assert late.message.startswith(f"Apply Motion Module (node {apply_id}): {expected}"), late.message
 
 
 @pytest.mark.parametrize("kind,message", [
@@ -323,7 +428,8 @@ def sample_with_motion(comfy, checkpoint, motion, sampler, scheduler, steps=2):
     assert out.shape == (4, 4, 8, 8) and torch.isfinite(out).all(), (sampler, scheduler)
 
 
-@pytest.mark.parametrize("sampler,scheduler", [("euler_ancestral", "karras"), ("dpmpp_2m_sde", "exponential")])
+@pytest.mark.parametrize("sampler,scheduler", [("euler_ancestral", "karras"), ("dpmpp_2m_sde", "exponential"),
+                                               ("heun", "normal")])  # heun: evaluations between two sigmas
 def test_motion_runs_with_core_samplers_and_schedulers(comfy, tiny_checkpoint, mm, sampler, scheduler):
     sample_with_motion(comfy, tiny_checkpoint, mm["v2.safetensors"], sampler, scheduler)
 

@@ -163,18 +163,65 @@ def test_start_end_percent_switch_the_control_off_and_pass_previous_through(glue
         torch.testing.assert_close(a, b)
 
 
-def test_context_window_slices_the_hints_to_the_windows_frames(glue, sampling):
-    from comfy.context_windows import IndexListContextWindow
+def context_windows(frames: int, length: int = 4, overlap: int = 0) -> list:
+    """The context windows ComfyUI (with the pack's fixes where this host needs them) makes for a video."""
+    motion = pack_nodes("motion")
+    options = {"transformer_options": {"sample_sigmas": torch.tensor([3.0, 0.0])}}
+    return motion.ContextOptions(length=length, overlap=overlap).handler().get_context_windows(
+        None, torch.zeros(frames, 4, 8, 8), options)
 
+
+def test_context_window_slices_the_hints_to_the_windows_frames(glue, sampling):
     video_hints = hints(frames=12)
-    window = [4, 5, 6, 7]
+    windows = context_windows(12)
+    assert [w.index_list for w in windows] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     control = control_for(glue, sampling, video_controlnet(), video_hints)
-    windowed = get(control, {"context_window": IndexListContextWindow(window)})
-    alone = get(control_for(glue, sampling, video_controlnet(), video_hints[window]))
-    for a, b in zip(windowed, alone):
+    for window in (windows[1], windows[2], windows[1]):  # each call its own window's hints, not the last call's
+        windowed = get(control, {"context_window": window})
+        alone = get(control_for(glue, sampling, video_controlnet(), video_hints[window.index_list]))
+        for a, b in zip(windowed, alone):
+            torch.testing.assert_close(a, b)
+
+
+def test_comfyuis_own_controlnet_gives_every_window_the_first_hint_frames(glue, sampling):
+    """Why WindowedControlNet exists: if this fails, the host slices hints per window itself and the override can
+    go (see nodes/_comfy.py)."""
+    video_hints = hints(frames=12)
+
+    def core(h):
+        c = core_loaded(sd15_controlnet("pth")).copy().set_cond_hint(h)
+        c.pre_run(SimpleNamespace(model_sampling=sampling), sampling.percent_to_sigma)
+        return c
+
+    windowed = get(core(video_hints), {"context_window": context_windows(12)[1]})
+    for a, b in zip(windowed, get(core(video_hints[:4]))):
         torch.testing.assert_close(a, b)
-    with pytest.raises(Exception, match="got 12 hint images for a video of at least 15 frames"):
-        get(control, {"context_window": IndexListContextWindow([11, 12, 13, 14])})
+
+
+def test_under_context_windows_a_wrong_hint_count_names_the_videos_length(glue, sampling):
+    control = control_for(glue, sampling, video_controlnet(), hints(frames=12))
+    with pytest.raises(Exception, match="got 12 hint images for a video of 16 frames"):
+        get(control, {"context_window": context_windows(16)[0]})
+    overrides = pack_nodes("_comfy")
+    if not overrides.HOST_WINDOWS_KNOW_LENGTH:  # a core handler's window on such a host does not know the length
+        from comfy.context_windows import IndexListContextWindow
+
+        assert get(control, {"context_window": IndexListContextWindow([8, 9, 10, 11])})
+        with pytest.raises(Exception, match="got 12 hint images for a video whose context windows reach frame 15"):
+            get(control, {"context_window": IndexListContextWindow([11, 12, 13, 14])})
+
+
+def test_frames_beyond_the_controlnets_motion_positions_name_the_apply_node(glue, sampling):
+    import comfy.model_management
+
+    model = load_video_controlnet(video_controlnet(), positional_length=FRAMES - 1, dtype=torch.float32)
+    control = glue.VideoControl(model, "vcn.safetensors", load_device=comfy.model_management.get_torch_device())
+    control = control.copy().set_cond_hint(hints(), 1.0, (0.0, 1.0))
+    control.node = "Apply Video ControlNet (node 7)"
+    control.pre_run(SimpleNamespace(model_sampling=sampling), sampling.percent_to_sigma)
+    with pytest.raises(Exception, match=rf"Apply Video ControlNet \(node 7\): {FRAMES} frames run through the motion "
+                                        rf"blocks of 'vcn.safetensors' at once but they have {FRAMES - 1} positions"):
+        get(control)
 
 
 def test_one_hint_image_is_broadcast_and_a_wrong_count_names_both_counts(glue, sampling):
@@ -287,7 +334,7 @@ def pose_depth_graph(checkpoint: str, controlnets: dict, pose_image: str, depth_
 @pytest.fixture(scope="module")
 def hint_images(comfy_base):
     return {f"{kind}{n}": install_hint_video(comfy_base, f"dreamoving_test_{kind}_{n}.tiff", make(n))
-            for n in (16, 96, 12) for kind, make in (("pose", synthetic_pose_frames),
+            for n in (16, 96, 12, 24) for kind, make in (("pose", synthetic_pose_frames),
                                                      ("depth", synthetic_depth_frames))}
 
 
@@ -321,12 +368,17 @@ def test_strength_zero_is_bit_identical_to_no_controlnet(comfy, tiny_checkpoint,
     assert torch.equal(run_latent(comfy, g, refs["save"]), plain16)
 
 
-def test_frame_count_mismatch_is_a_clear_http_error_and_the_server_keeps_serving(comfy, tiny_checkpoint,
-                                                                                 controlnets, hint_images):
-    g, refs = pose_depth_graph(tiny_checkpoint, controlnets, hint_images["pose12"], hint_images["depth16"], 16)
+@pytest.mark.parametrize("frames,context", [(16, False), (24, True)])
+def test_frame_count_mismatch_names_the_apply_node_and_the_server_keeps_serving(comfy, tiny_checkpoint, controlnets,
+                                                                                hint_images, frames, context):
+    g, refs = pose_depth_graph(tiny_checkpoint, controlnets, hint_images["pose12"], hint_images[f"depth{frames}"],
+                               frames, context=context)
+    pose_apply = next(k for k, v in g.nodes.items() if v["class_type"] == "DreaMovingApplyVideoControlNet")
     with pytest.raises(ExecutionFailed) as failed:
         comfy.run(g.to_api())
-    assert "Apply Video ControlNet: got 12 hint images for a video of 16 frames" in failed.value.message
+    assert failed.value.node_type == "KSampler"  # ComfyUI reports the node that ran; the message names the culprit
+    assert failed.value.message.startswith(f"Apply Video ControlNet (node {pose_apply}): got 12 hint images for a "
+                                           f"video of {frames} frames;"), failed.value.message
     g0, refs0 = base_graph(tiny_checkpoint, frames=2, steps=1)
     assert run_latent(comfy, g0, refs0["save"]).shape == (2, 4, 8, 8)
 
