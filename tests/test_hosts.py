@@ -1,5 +1,5 @@
 """The hosts the suite runs on: where a host archive is found (a CI clone included), what a torch pin must pair
-with."""
+with, the supported range the pack declares, and a ComfyUI older than that range refused at start-up."""
 from __future__ import annotations
 
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from devtools import host
-from devtools.server import PACK_DIR
+from devtools.server import PACK_DIR, ComfyServer
 
 FIND = textwrap.dedent("""
     import json, sys
@@ -101,3 +101,44 @@ def test_a_mismatched_torch_pin_installs_nothing(tmp_path):
     assert out.returncode != 0
     assert "torch 2.14 works only with torchvision 0.29.x" in out.stderr and "Nothing was installed" in out.stderr
     assert not (tmp_path / "venv").exists()
+
+
+def test_declared_comfyui_range_is_the_range_of_the_tested_hosts():
+    import re
+
+    text = (PACK_DIR / "pyproject.toml").read_text()
+    tool_comfy = text[text.index("[tool.comfy]"):]
+    declared = re.search(r'^requires-comfyui = "([^"]+)"$', tool_comfy, re.MULTILINE).group(1)
+    versions = sorted((s.version for s in host.HOSTS), key=lambda v: tuple(map(int, v.split("."))))
+    assert declared == f">={versions[0]},<={versions[-1]}"
+    assert versions[0] == host.PINNED.version
+
+
+def older_host(comfy_dir: Path, root: Path, version: str) -> Path:
+    """A ComfyUI that says it is ``version``: ``comfy_dir``'s files linked, ``main.py`` copied (so its folder is
+    the one Python searches first) and its own ``comfyui_version.py``."""
+    root.mkdir(parents=True)
+    for entry in comfy_dir.iterdir():
+        if entry.name not in ("main.py", "comfyui_version.py", "__pycache__"):
+            (root / entry.name).symlink_to(entry, target_is_directory=entry.is_dir())
+    shutil.copy2(comfy_dir / "main.py", root / "main.py")
+    (root / "comfyui_version.py").write_text(f'__version__ = "{version}"\n')
+    return root
+
+
+def test_an_older_comfyui_starts_without_the_pack_and_says_why_once(comfy_dir, tmp_path):
+    old = older_host(Path(comfy_dir), tmp_path / "ComfyUI-0.3.74", "0.3.74")
+    server = ComfyServer(old, tmp_path / "base")
+    server.python = host.python_for(comfy_dir)
+    server.start()
+    try:
+        info = server.client.object_info()
+        log = server.log()
+    finally:
+        server.stop()
+    assert "KSampler" in info and not [n for n in info if n.startswith("DreaMoving")]
+    message = ("DreaMoving is not loaded: it needs ComfyUI 0.3.75 or newer (supported: >=0.3.75,<=0.8.0) and this "
+               "is ComfyUI 0.3.74.")
+    assert log.count(message) == 1, log[-4000:]
+    ours = [ln for ln in log.splitlines() if ln.strip().startswith('File "') and "comfyui-dreamoving" in ln]
+    assert server.import_failures() == [] and ours == [], log[-4000:]
