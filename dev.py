@@ -35,6 +35,8 @@ def main() -> int:
     versions = [s.version for s in host.HOSTS]
     test.add_argument("--host", default="all", choices=["all", *versions],
                       help="the ComfyUI host to test on (default: all of them; COMFYUI_DIR: only that one)")
+    test.add_argument("--every-test-on-every-host", action="store_true",
+                      help="also run the tests that never touch ComfyUI on the hosts after the first")
     args, pytest_args = parser.parse_known_args()
     if pytest_args and args.command != "test":
         parser.error(f"unrecognized arguments: {' '.join(pytest_args)}")
@@ -45,7 +47,7 @@ def main() -> int:
         return subprocess.call([str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
 
     if args.command == "test":
-        return run_tests(host.hosts_to_test(args.host), pytest_args)
+        return run_tests(host.hosts_to_test(args.host), pytest_args, args.every_test_on_every_host)
     comfy_dir = host.ensure_comfyui()
     if args.command == "setup":
         print(f"virtual environment: {host.venv_dir()}")
@@ -70,19 +72,27 @@ def main() -> int:
     return demo_mod.run(comfy_dir, port=args.port, cpu=args.cpu)
 
 
-def run_tests(hosts, pytest_args: list[str]) -> int:
-    """pytest once per host, each in its host's environment; the first failing leg's exit code, else 0."""
+def run_tests(hosts, pytest_args: list[str], every_test_on_every_host: bool = False) -> int:
+    """pytest once per host, each in its host's environment; the first failing leg's exit code, else 0. On the hosts
+    after the first only the tests that touch ComfyUI run (tests/conftest.py ``DREAMOVING_HOST_SCOPE``): the others,
+    pure ``dreamoving_core``, cannot differ between hosts."""
     from devtools import host
 
     # pytest's configuration lives in tests/pytest.ini, found from the paths it is given.
     paths = [a for a in pytest_args if (PACK_DIR / a.split("::")[0]).exists()]
     legs = []
-    for h in hosts:
-        print(f"\n[dreamoving] ===== tests on {h} =====", flush=True)
-        env = dict(os.environ, COMFYUI_DIR=str(h.comfy_dir), DREAMOVING_CACHE=str(host.cache_dir()))
+    for n, h in enumerate(hosts):
+        scope = "all" if n == 0 or every_test_on_every_host else "comfyui"
+        print(f"\n[dreamoving] ===== tests on {h}{'' if scope == 'all' else ', those that touch ComfyUI'} =====",
+              flush=True)
+        env = dict(os.environ, COMFYUI_DIR=str(h.comfy_dir), DREAMOVING_CACHE=str(host.cache_dir()),
+                   DREAMOVING_HOST_SCOPE=scope)
         start = time.monotonic()
         rc = subprocess.call([str(h.python), "-m", "pytest", *pytest_args, *([] if paths else ["tests"])],
                              cwd=PACK_DIR, env=env)
+        if rc == 5 and scope == "comfyui":
+            print("[dreamoving] none of the selected tests touches ComfyUI", flush=True)
+            rc = 0
         legs.append((h, rc, time.monotonic() - start))
     print()
     for h, rc, seconds in legs:

@@ -84,9 +84,9 @@ def frame_windows(handler: IndexListContextHandler) -> IndexListContextHandler:
 
 
 def video_frames(transformer_options: dict, frames_in_call: int) -> int | None:
-    """Frames of the whole video whose frames (or one context window of them) this model call holds: the call's
-    own count without context windows; under context windows the window's ``total_frames`` (None where the
-    handler is one this pack did not fix on a host whose windows lack it)."""
+    """How many frames the video of this model call has: the call's own ``frames_in_call`` without context windows,
+    the window's ``total_frames`` under them (None for a handler the pack did not fix, on a host whose windows lack
+    it)."""
     window = transformer_options.get("context_window")
     if window is None or len(window.index_list) != frames_in_call:
         return frames_in_call

@@ -1,13 +1,18 @@
 """Session fixtures: a real ComfyUI server with this pack in custom_nodes, its client, tiny models.
 
 The session's host is ``COMFYUI_DIR`` (``python dev.py test`` sets it for each host it tests), else the cached pinned
-ComfyUI; the pytest header names it.
+ComfyUI; the pytest header names it. With ``DREAMOVING_HOST_SCOPE=comfyui`` (``dev.py test`` sets it on every host
+after the first) only the tests that touch ComfyUI run: a test that never does (pure ``dreamoving_core``: math, file
+formats, training, data preparation) cannot differ between hosts.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.machinery
 import importlib.util
+import inspect
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -37,8 +42,30 @@ def _host_line() -> str:
     return f"ComfyUI host: {comfyui_version(path) or 'unknown version'} at {path} ({where})"
 
 
+# A test touches ComfyUI when it uses a fixture of the server, or its module imports ComfyUI or the pack's nodes.
+HOST_FIXTURES = {"comfy", "comfy_server", "comfy_dir", "comfy_base", "install_model", "tiny_checkpoint", "hide_models"}
+HOST_CODE = re.compile(r"\b(?:import|from) comfy|comfy_importable|pack_nodes|folder_paths|ComfyServer|COMFYUI_DIR")
+HOST_SCOPE = os.environ.get("DREAMOVING_HOST_SCOPE", "all")
+
+
+def touches_comfyui(item: pytest.Item) -> bool:
+    if HOST_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return True
+    module = getattr(item, "module", None)
+    return module is None or bool(HOST_CODE.search(inspect.getsource(module)))
+
+
+def pytest_collection_modifyitems(config, items: list[pytest.Item]) -> None:
+    if HOST_SCOPE != "comfyui":
+        return
+    kept = [item for item in items if touches_comfyui(item)]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = kept
+
+
 def pytest_report_header(config) -> str:
-    return _host_line()
+    scope = "" if HOST_SCOPE != "comfyui" else "; only tests that touch ComfyUI (the others ran on the first host)"
+    return _host_line() + scope
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

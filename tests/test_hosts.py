@@ -103,6 +103,16 @@ def test_a_mismatched_torch_pin_installs_nothing(tmp_path):
     assert not (tmp_path / "venv").exists()
 
 
+def test_only_tests_that_never_touch_comfyui_are_left_to_the_first_host():
+    from conftest import HOST_CODE, HOST_FIXTURES
+
+    tests = PACK_DIR / "tests"
+    assert not HOST_CODE.search((tests / "test_motion_core.py").read_text())
+    for module in ("test_motion_nodes.py", "test_video_controlnet_nodes.py", "test_foundation.py"):
+        assert HOST_CODE.search((tests / module).read_text()), module
+    assert {"comfy", "comfy_dir", "install_model"} <= HOST_FIXTURES
+
+
 def test_declared_comfyui_range_is_the_range_of_the_tested_hosts():
     import re
 
