@@ -62,16 +62,17 @@ def _models(insightface, clip_vision, detector: str, estimator: str, need_pose: 
             except DreaMovingError as err:
                 raise InputMismatchError(f"{name}: {err}") from err
         dwpose = DWPose(*paths)
-    clip = None
-    if clip_vision is not None:
-        clip = lambda images: image_features(clip_vision, images).image_embeds  # noqa: E731
-    return EvalModels(
-        faces=insightface, clip=clip, dwpose=dwpose, device=comfy.model_management.get_torch_device(),
-        feature_dirs=tuple(Path(p) for p in folder_paths.get_folder_paths(EVAL_FOLDER)),
-        detect_resolution=detect_resolution,
-        needs={"faces": "an InsightFace pack: connect Load InsightFace to the insightface input",
-               "clip": "a CLIP vision model: connect Load CLIP Vision or Load CLIP Vision (OpenCLIP) to the "
-                       "clip_vision input"})
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        return image_features(clip_vision, images).image_embeds
+
+    models = EvalModels(faces=insightface, clip=embed if clip_vision is not None else None, dwpose=dwpose,
+                        device=comfy.model_management.get_torch_device(), detect_resolution=detect_resolution,
+                        feature_dirs=tuple(Path(p) for p in folder_paths.get_folder_paths(EVAL_FOLDER)))
+    models.needs.update(faces="an InsightFace pack: connect Load InsightFace to the insightface input",
+                        clip="a CLIP vision model: connect Load CLIP Vision or Load CLIP Vision (OpenCLIP) to the "
+                             "clip_vision input")
+    return models
 
 
 def _progress():

@@ -350,6 +350,7 @@ class _Exploit:
         return (print, ("pwned",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_feature_files_never_unpickle_code(tmp_path):
     path = tmp_path / "i3d_pretrained_400.pt"
     with open(path, "wb") as f:

@@ -33,6 +33,13 @@ FEATURE_SOURCES = {
 }
 DWPOSE_FILES = ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")
 INSIGHTFACE_PACKS = ("antelopev2", "buffalo_l")
+CLIP_FILE = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+# what each model of EvalModels is, for the 'unavailable' entries of a score whose model is absent
+DEFAULT_NEEDS = {
+    "faces": f"an InsightFace pack ({' or '.join(INSIGHTFACE_PACKS)}) in models/insightface/models",
+    "clip": f"a CLIP ViT-H/14 image tower ({CLIP_FILE}) in models/clip_vision",
+    "dwpose": f"DWPose's {' and '.join(DWPOSE_FILES)} (huggingface.co/yzd-v/DWPose) in models/dreamoving/preprocess",
+}
 
 ImageEmbedder = Callable[[torch.Tensor], torch.Tensor]
 """Images ``(B, H, W, 3)`` in 0 … 1 → embeddings ``(B, D)``."""
@@ -69,8 +76,8 @@ class EvalModels:
 
     ``faces``: a :class:`~dreamoving_core.guider.face_id.FaceAnalyzer`; ``clip``: an :data:`ImageEmbedder` (e.g.
     :meth:`from_clip_encoder`); ``dwpose``: a :class:`~dreamoving_core.preprocess.dwpose.DWPose`;
-    ``feature_dirs``: the folders of :data:`FEATURE_FILES`. ``needs``: for each absent model (``"faces"``, ``"clip"``,
-    ``"dwpose"``), what to provide, as the caller words it (a node input, a command-line option).
+    ``feature_dirs``: the folders of :data:`FEATURE_FILES`. ``needs``: for each model (``"faces"``, ``"clip"``,
+    ``"dwpose"``), what to provide when it is absent, as the caller words it (a node input, a folder).
     Loaded feature networks are kept, so one ``EvalModels`` scores many videos.
     """
 
@@ -80,7 +87,7 @@ class EvalModels:
     feature_dirs: tuple[Path, ...] = ()
     device: torch.device = field(default_factory=pick_device)
     detect_resolution: int = 512
-    needs: dict[str, str] = field(default_factory=dict)
+    needs: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_NEEDS))
     _nets: dict[str, tuple] = field(default_factory=dict, repr=False)
 
     @staticmethod
@@ -103,8 +110,8 @@ class EvalModels:
 
         root = Path(models_dir) if models_dir is not None else None
         device = pick_device(device)
-        needs: dict[str, str] = {}
-        models = cls(device=device, detect_resolution=detect_resolution, needs=needs)
+        models = cls(device=device, detect_resolution=detect_resolution)
+        needs = models.needs
 
         pack = _explicit(insightface, "insightface", is_dir=True) or _first_pack(root)
         if pack is not None:
@@ -116,8 +123,7 @@ class EvalModels:
         if clip_file is not None:
             models.clip = cls.from_clip_encoder(ClipImageEncoder.from_file(clip_file).to(device))
         else:
-            needs["clip"] = (f"a CLIP ViT-H/14 image tower (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors) in "
-                             f"{_under(root, 'clip_vision')}")
+            needs["clip"] = f"a CLIP ViT-H/14 image tower ({CLIP_FILE}) in {_under(root, 'clip_vision')}"
         if dwpose is not None:
             files = [_explicit(p, "dwpose") for p in dwpose]
         else:

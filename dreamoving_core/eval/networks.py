@@ -121,7 +121,8 @@ def _fid_block(block: nn.Module, x: torch.Tensor, branches, pool: str) -> torch.
     for chain in branches:
         y = x
         for step in chain:
-            y = torch.cat([getattr(block, s)(y) for s in step], 1) if isinstance(step, tuple) else getattr(block, step)(y)
+            fork = isinstance(step, tuple)
+            y = torch.cat([getattr(block, s)(y) for s in step], 1) if fork else getattr(block, step)(y)
         outs.append(y)
     pooled = F.max_pool2d(x, 3, 1, 1) if pool == "max" else F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
     return torch.cat(outs + [block.branch_pool(pooled)], 1)
@@ -265,7 +266,8 @@ class VideoFeatures(nn.Module):
             net = I3D({k: v.shape for k, v in weights.items()})
         except KeyError as err:
             raise ModelFormatError(f"'{Path(path).name}': I3D weights are incomplete (missing {err})") from err
-        return cls(_fill(net, weights, path, "I3D"), 224, 2.0, (1.0, 1.0, 1.0), weights["logits.conv3d.weight"].shape[0])
+        classes = weights["logits.conv3d.weight"].shape[0]
+        return cls(_fill(net, weights, path, "I3D"), 224, 2.0, (1.0, 1.0, 1.0), classes)
 
     @classmethod
     def resnet3d(cls, path: str | os.PathLike) -> VideoFeatures:

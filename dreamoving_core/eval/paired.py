@@ -15,11 +15,11 @@ def pixel_metrics(frames: torch.Tensor, truth: torch.Tensor, batch: int = 16) ->
     ``frames`` against ``truth``, both ``(F, H, W, 3)`` in 0 … 1; each ``(F,)``."""
     out: dict[str, list[torch.Tensor]] = {"paired/l1": [], "paired/psnr": [], "paired/ssim": []}
     for x, y in zip(frames.split(batch), truth.split(batch)):
-        x, y = x.movedim(-1, 1).double(), y.movedim(-1, 1).double()
+        x, y = x.movedim(-1, 1).float(), y.movedim(-1, 1).float()  # float64 convolutions are ~30x slower on CPUs
         out["paired/l1"].append((x - y).abs().flatten(1).mean(1))
         out["paired/psnr"].append(peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3)))
         out["paired/ssim"].append(structural_similarity_index_measure(x, y, data_range=1.0, reduction="none"))
-    return {k: torch.cat(v).float() for k, v in out.items()}
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def lpips(net: nn.Module, frames: torch.Tensor, truth: torch.Tensor, batch: int = 8) -> torch.Tensor:

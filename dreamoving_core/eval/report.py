@@ -29,8 +29,8 @@ def _pose_scores() -> list[ScoreInfo]:
     for part in PARTS:
         out += [
             ScoreInfo(f"pose/{part}/error", f"{part} keypoint error, in person sizes",
-                      "mean over frames and joints found in both of ‖p_gen − p_drv‖ / s, s = max(w, h) of the "
-                      "driving person's keypoint box", "0 … ∞ (0.1 = a tenth of the person's height)", LOWER),
+                      "mean over frames of the mean over joints found in both of ‖p_gen − p_drv‖ / s, s = max(w, h) "
+                      "of the driving person's keypoint box", "0 … ∞ (0.1 = a tenth of the person's height)", LOWER),
             *(ScoreInfo(f"pose/{part}/pck_{t}", f"share of driving {part} joints found within {t}·s",
                         f"mean over frames of #(‖p_gen − p_drv‖ < {t}·s) / #(driving joints); a lost frame counts 0",
                         "0 … 1", HIGHER) for t in PCK_THRESHOLDS),

@@ -82,7 +82,7 @@ def score_video(frames, *, driving=None, face=None, truth=None, models: EvalMode
     if face is None:
         report.unavailable["identity"] = "no reference face given (face)"
     elif not run_identity:
-        report.unavailable["identity"] = "needs " + needs.get("faces", "an InsightFace pack (antelopev2, buffalo_l)")
+        report.unavailable["identity"] = "needs " + needs["faces"]
     else:
         reference = identity.reference_embedding(models.faces, face, "the face input")
         embeddings, found = identity.frame_embeddings(models.faces, pixels, tick)
@@ -93,7 +93,7 @@ def score_video(frames, *, driving=None, face=None, truth=None, models: EvalMode
     if driving_frames is None:
         report.unavailable["pose"] = "no driving keypoints given (driving)"
     elif not run_pose:
-        report.unavailable["pose"] = "needs " + needs.get("dwpose", "DWPose's yolox_l.onnx and dw-ll_ucoco_384.onnx")
+        report.unavailable["pose"] = "needs " + needs["dwpose"]
     else:
         start = tick.done
         poses = models.dwpose.video(pixels, models.detect_resolution, progress=lambda i: tick(start + i - tick.done))
@@ -110,8 +110,7 @@ def score_video(frames, *, driving=None, face=None, truth=None, models: EvalMode
         if run_clip:
             _series(report, "temporal/clip_consistency", temporal.clip_consistency(models.clip, frames, tick=tick))
         else:
-            report.unavailable["temporal/clip_consistency"] = "needs " + needs.get(
-                "clip", "a CLIP ViT-H/14 image tower (CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors)")
+            report.unavailable["temporal/clip_consistency"] = "needs " + needs["clip"]
 
     if truth is None:
         report.unavailable["paired"] = report.unavailable["distribution"] = "no ground-truth video given (truth)"
@@ -140,7 +139,7 @@ def _reference_scores(report: ScoreReport, frames: torch.Tensor, truth: torch.Te
             _series(report, score, paired.lpips(net, frames, truth))
         elif score == "distribution/fid" and len(frames) < 2:
             report.unavailable[score] = "needs at least 2 frames"
-        elif score != "distribution/fid" and -(-len(frames) // CLIP_FRAMES) < 2:
+        elif score != "distribution/fid" and len(frames) <= CLIP_FRAMES:
             report.unavailable[score] = (f"needs at least 2 clips of {CLIP_FRAMES} frames ({CLIP_FRAMES + 1}+ "
                                          f"frames); the video has {len(frames)}")
         else:
