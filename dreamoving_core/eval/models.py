@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..errors import InputMismatchError
+
+if TYPE_CHECKING:
+    from ..guider.face_id import FaceAnalyzer
+    from ..preprocess.dwpose import DWPose
 
 EVAL_FOLDER = os.path.join("dreamoving", "eval")
 # score -> the files that can serve it, best first, with the network each one is
@@ -81,9 +85,9 @@ class EvalModels:
     Loaded feature networks are kept, so one ``EvalModels`` scores many videos.
     """
 
-    faces: object | None = None
+    faces: FaceAnalyzer | None = None
     clip: ImageEmbedder | None = None
-    dwpose: object | None = None
+    dwpose: DWPose | None = None
     feature_dirs: tuple[Path, ...] = ()
     device: torch.device = field(default_factory=pick_device)
     detect_resolution: int = 512

@@ -1,5 +1,6 @@
 """The per-frame curves of one or more score reports as a picture (PIL): one panel per series of :data:`CURVES`
-(identity, body pose error, CLIP consistency), one colour per run, frames without a value marked under the axis."""
+(identity, body pose error, CLIP consistency), one colour per run, frames without a value marked × along the
+bottom (red for one run, in the run's colour when several are compared)."""
 from __future__ import annotations
 
 import math
@@ -73,8 +74,11 @@ def _panel(draw: ImageDraw.ImageDraw, name: str, runs, frames: int, box, title_f
     title = CURVES[name]
     score = SCORE_OF_CURVE[name]
     better = SCORE_INFO[score].better
-    means = ", ".join(f"{r.scores[score]:.3f}" for _, r in runs if score in r.scores)
-    draw.text((left, top - 24), f"{title}   mean {means or 'n/a'}   ({better} is better)", fill=TEXT, font=title_font)
+    means = [f"{r.scores[score]:.3f}" if score in r.scores else "n/a" for _, r in runs]
+    if len(runs) > 1:
+        means = [f"{label} {mean}" for (label, _), mean in zip(runs, means)]
+    draw.text((left, top - 24), f"{title}   mean {', '.join(means)}   ({better} is better)", fill=TEXT,
+              font=title_font)
     values = [v for _, r in runs for v in r.per_frame.get(name, []) if v is not None and math.isfinite(v)]
     lo, hi = _y_range(name, values)
     offset = 0.5 if name == "temporal/clip_consistency" else 0.0  # pairs sit between their two frames
@@ -110,7 +114,9 @@ def _panel(draw: ImageDraw.ImageDraw, name: str, runs, frames: int, box, title_f
             if f < len(series):
                 missing_any = True
                 x, _ = xy(f + offset, lo)
-                draw.line((x - 3, bottom - 9 - 4 * i, x + 3, bottom - 3 - 4 * i), fill=MISSING_COLOR, width=2)
-                draw.line((x - 3, bottom - 3 - 4 * i, x + 3, bottom - 9 - 4 * i), fill=MISSING_COLOR, width=2)
+                y = bottom - 6 - 8 * i  # one row of marks per run, in its colour
+                draw.line((x - 3, y - 3, x + 3, y + 3), fill=MISSING_COLOR if len(runs) == 1 else color, width=2)
+                draw.line((x - 3, y + 3, x + 3, y - 3), fill=MISSING_COLOR if len(runs) == 1 else color, width=2)
     if missing_any:
-        draw.text((right - 4, top + 4), f"x = {MISSING_LABEL[name]}", fill=MISSING_COLOR, font=font, anchor="ra")
+        draw.text((right - 4, top + 4), f"x = {MISSING_LABEL[name]}", fill=MISSING_COLOR if len(runs) == 1 else AXIS,
+                  font=font, anchor="ra")

@@ -89,7 +89,7 @@ def closest_person(frame: PoseFrame, target: Person) -> Person | None:
     return best if np.isfinite(distance(best)) else main_person(frame)
 
 
-def as_frames(driving) -> list[PoseFrame]:
+def as_pose_frames(driving) -> list[PoseFrame]:
     """``driving``: a list of :class:`PoseFrame`, or ``POSE_KEYPOINT`` (OpenPose dicts)."""
     if isinstance(driving, (list, tuple)) and all(isinstance(f, PoseFrame) for f in driving):
         return list(driving)

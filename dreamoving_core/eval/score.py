@@ -63,7 +63,7 @@ def score_video(frames, *, driving=None, face=None, truth=None, models: EvalMode
         if truth.shape[1:3] != frames.shape[1:3]:
             raise InputMismatchError(f"truth: the ground-truth frames are {truth.shape[2]}×{truth.shape[1]}, the "
                                      f"video's {frames.shape[2]}×{frames.shape[1]}; resize one to the other")
-    driving_frames = pose_fidelity.as_frames(driving) if driving is not None else None
+    driving_frames = pose_fidelity.as_pose_frames(driving) if driving is not None else None
     if driving_frames is not None and len(driving_frames) != count:
         raise InputMismatchError(f"driving: the driving keypoints have {len(driving_frames)} frames, the video has "
                                  f"{count}; give one driving pose per frame")
