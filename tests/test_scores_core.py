@@ -307,6 +307,21 @@ def test_fvd_and_fid_vid_equal_the_formula_on_their_clip_features(pair, tmp_path
         assert short.unavailable[score] == "needs at least 2 clips of 16 frames (17+ frames); the video has 16"
 
 
+@pytest.mark.gpu
+def test_the_scores_on_the_gpu_equal_those_on_the_cpu(pair, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.fail("-m gpu needs a CUDA device")
+    truth = pair[1].repeat(5, 1, 1, 1)[:17]
+    frames = (truth + 0.05 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+    folder = feature_dir(tmp_path, tiny.alexnet_file(), tiny.inception_file(), tiny.i3d_file(), tiny.resnet3d_file())
+    reports = [score_video(frames, truth=truth, models=EvalModels(feature_dirs=(folder,), device=torch.device(d)))
+               for d in ("cpu", "cuda")]
+    assert set(reports[0].scores) == set(reports[1].scores) and "distribution/fvd" in reports[1].scores
+    for name, value in reports[0].scores.items():
+        # cuDNN convolutions run in TF32 by default: agreement to about a percent
+        assert reports[1].scores[name] == pytest.approx(value, rel=2e-2, abs=1e-3), name
+
+
 def test_clip_features_follow_each_protocol():
     frames = torch.rand(20, 40, 50, 3, generator=torch.Generator().manual_seed(4))
     split = clips(frames)
