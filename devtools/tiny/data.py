@@ -137,3 +137,49 @@ def captioner_dir() -> Path:
     """A tiny random LLaVA captioner folder (``save_pretrained`` layout: config, safetensors, processor,
     tokenizer, chat template)."""
     return cached("captioner/v1/tiny-llava", _save_captioner)
+
+
+def data_sources(folder: Path) -> Path:
+    """A source folder: ``videos/film.mp4`` (``FILM``), ``videos/broken.mp4`` (corrupt), ``photos/face.png`` (a
+    face for the tiny InsightFace pack) and ``photos/noface.png`` (none)."""
+    from devtools.tiny.content_guider import face_image
+    from dreamoving_core.data.video import write_image
+
+    synthetic_dance_film(folder / "videos" / "film.mp4")
+    corrupt_video(folder / "videos" / "broken.mp4")
+    write_image(folder / "photos" / "face.png", face_image(64)[0].numpy())
+    write_image(folder / "photos" / "noface.png", face_image(64, face=False)[0].numpy())
+    return folder
+
+
+MODEL_NAMES = {"dwpose_detector": "dreamoving/preprocess/yolox_l.onnx",
+               "dwpose_estimator": "dreamoving/preprocess/dw-ll_ucoco_384.onnx",
+               "zoedepth": "dreamoving/preprocess/zoedepth-nyu-kitti", "insightface": "insightface/models/buffalo_l",
+               "captioner": "LLM/tiny-llava"}
+
+
+def models_folder(folder: Path, garbage: bool = False) -> Path:
+    """A ``--models`` folder in ComfyUI's layout holding the tiny DWPose pair, ZoeDepth, InsightFace pack
+    (``buffalo_l``) and captioner (``tiny-llava``), linked. ``garbage``: every file except the captioner's is
+    replaced by bytes no loader accepts, under the same names (a run that loads one of them fails)."""
+    import shutil
+
+    from devtools.tiny import content_guider, preprocess
+
+    targets = {"dwpose_detector": preprocess.yolox_onnx(), "dwpose_estimator": preprocess.dwpose_onnx(),
+               "zoedepth": preprocess.zoedepth_dir(),
+               "insightface": content_guider.insightface_root() / "models" / "buffalo_l",
+               "captioner": captioner_dir()}
+    for kind, name in MODEL_NAMES.items():
+        link, target = folder / name, targets[kind]
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not garbage or kind == "captioner":
+            link.symlink_to(target)
+        elif target.is_dir():
+            shutil.copytree(target, link)
+            for file in link.rglob("*"):
+                if file.is_file():
+                    file.write_bytes(b"not a model")
+        else:
+            link.write_bytes(b"not a model")
+    return folder

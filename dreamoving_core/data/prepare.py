@@ -310,6 +310,8 @@ class _SourceJob:
     # images
 
     def image(self) -> list[FaceRecord]:
+        if not self.config.wants("faces"):
+            return []  # images are only there for the face set
         self.check_encoding()
         stem = self.folder / "image"
         path = beside(stem, ".png")

@@ -76,7 +76,8 @@ def detect_scenes(path: str | Path, config: SceneConfig = SceneConfig()) -> tupl
     if decoded == 0:
         raise InputMismatchError(f"'{path.name}' has no decodable video frames")
     frames = max(decoded, video.frame_number)
-    bounds = [0, *sorted({c.frame_num for c in manager.get_cut_list() if 0 < c.frame_num < frames}), frames]
+    starts = {start.frame_num for start, _ in manager.get_scene_list(start_in_scene=True)}
+    bounds = [0, *sorted(n for n in starts if 0 < n < frames), frames]
     brightness = np.array([stats.get_metrics(n, [BRIGHTNESS])[0] if stats.metrics_exist(n, [BRIGHTNESS]) else np.nan
                            for n in range(frames)], dtype=np.float64)
     width, height = video.frame_size
