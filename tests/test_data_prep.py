@@ -207,3 +207,24 @@ def test_long_scenes_are_split_into_bounded_clips_and_short_ones_dropped():
         (300, 383), (383, 467), (467, 550),  # 25 s: three equal parts of 8.3 s
         (602, 702),  # 10.5 s: halves would be 5.25 s, so one 10 s clip, centred
     ]
+
+
+def test_rotated_phone_videos_are_read_upright_and_scaled(tmp_path):
+    import av
+
+    coded = np.zeros((32, 64, 3), np.uint8)
+    coded[:, :8] = 255  # a white bar at the left of the stored picture
+    with av.open(str(tmp_path / "phone.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(90)  # shown turned a quarter counter-clockwise: the bar at the bottom
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(coded, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    for short_side, shape in ((0, (64, 32, 3)), (16, (32, 16, 3))):
+        frames = [image for _, image in read_frames(tmp_path / "phone.mp4", short_side)]
+        assert len(frames) == 3 and frames[0].shape == shape
+        bar = shape[0] // 8
+        assert frames[0][-bar:].mean() > 200 and frames[0][:-bar - 1].mean() < 30

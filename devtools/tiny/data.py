@@ -1,10 +1,11 @@
 """Test material for data preparation: a synthetic dance film with known cuts, a corrupt video, face images and a
 tiny random captioner in a real transformers model folder.
 
-- ``synthetic_dance_film(path)``: the stick-figure dancer of :mod:`devtools.tiny.preprocess` in five shots with
-  different colours, joined by two hard cuts and one fade through black (``FILM``); ``FILM_CLIPS`` are the clips
-  preparation must cut from it with ``FILM_BOUNDS``. Shots marked ``face`` give the dancer a red head, which the
-  tiny InsightFace detector of :mod:`devtools.tiny.content_guider` sees as a face.
+- ``synthetic_dance_film(path)``: the stick-figure dancer of :mod:`devtools.tiny.preprocess` in four shots of
+  different colours (``SHOTS``) joined by two hard cuts and one fade through black (``TRANSITIONS``);
+  ``FILM_CLIPS`` are the clips preparation must cut from it with ``FILM_BOUNDS``. In two shots the dancer has a red
+  head, which the tiny InsightFace detector of :mod:`devtools.tiny.content_guider` sees as a face
+  (``FILM_FACE_CLIPS``).
 - ``captioner_dir()``: ``LlavaForConditionalGeneration`` (2-layer CLIP vision tower, 2-layer Llama) with random
   weights, a word-level tokenizer over a small English vocabulary, and a chat template, saved with
   ``save_pretrained``: the layout of any local image-text-to-text model folder.
@@ -52,12 +53,16 @@ def synthetic_dance_film_frames() -> np.ndarray:
     parts = []
     for i, shot in enumerate(SHOTS):
         if i and TRANSITIONS[i - 1] == "fade":
-            level = 1 - np.arange(1, out_n + 1) / (out_n + 1)  # 8/9 .. 1/9 of the shot's brightness
-            parts.append(_dim(_shot(out_n, *SHOTS[i - 1][1:]), level))
+            parts.append(_dim(_shot(out_n, *SHOTS[i - 1][1:]), _ramp(out_n)[::-1]))
             parts.append(np.zeros((black_n, FILM_SIZE, FILM_SIZE, 3), np.uint8))
-            parts.append(_dim(_shot(in_n, *shot[1:]), (1 - np.arange(1, in_n + 1) / (in_n + 1))[::-1]))
+            parts.append(_dim(_shot(in_n, *shot[1:]), _ramp(in_n)))
         parts.append(_shot(*shot))
     return np.concatenate(parts)
+
+
+def _ramp(frames: int) -> np.ndarray:
+    """Brightness levels of a fade-in: 1/(n+1) .. n/(n+1)."""
+    return np.arange(1, frames + 1) / (frames + 1)
 
 
 def _dim(frames: np.ndarray, level: np.ndarray) -> np.ndarray:
@@ -65,7 +70,7 @@ def _dim(frames: np.ndarray, level: np.ndarray) -> np.ndarray:
 
 
 def synthetic_dance_film(path: str | Path) -> Path:
-    """Write ``FILM`` as an H.264 MP4 at 10 fps (our own writer, high quality so the red heads stay red)."""
+    """Write the film as an H.264 MP4 at 10 fps (our own writer, high quality so the red heads stay red)."""
     from dreamoving_core.data.video import write_video
 
     write_video(path, synthetic_dance_film_frames(), FILM_RATE, crf=4)
@@ -80,9 +85,10 @@ def corrupt_video(path: str | Path) -> Path:
     return path
 
 
-CAPTION_WORDS = tuple(("a the dancer dances spins jumps waves turns steps moves arms legs hands head hair red blue green "
-                 "pink orange white black yellow stage floor studio street room light dark woman man girl boy in on "
-                 "with wearing shirt dress jacket skirt smiling slowly quickly left right camera").split())
+CAPTION_WORDS = tuple(
+    "a the dancer dances spins jumps waves turns steps moves arms legs hands head hair red blue green pink orange "
+    "white black yellow stage floor studio street room light dark woman man girl boy in on with wearing shirt dress "
+    "jacket skirt smiling slowly quickly left right camera".split())
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
                  "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
                  "{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}")

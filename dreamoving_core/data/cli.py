@@ -43,6 +43,19 @@ def _shard(text: str) -> tuple[int, int]:
     return index, count
 
 
+def _count(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected at least {low}, got {value}")
+        return value
+
+    return parse
+
+
 def _steps(text: str) -> list[str]:
     steps = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in steps if s not in STEPS]
@@ -54,8 +67,8 @@ def _steps(text: str) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m dreamoving_core.data", description=DESCRIPTION)
     commands = root.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("prepare", help="prepare (or finish preparing) a data folder",
-                            description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = commands.add_parser("prepare", help="prepare (or finish preparing) a data folder", description=DESCRIPTION,
+                            epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sources", nargs="+", type=Path, metavar="SRC",
                    help="folders (searched recursively) or files: dance videos, and images for the face set")
     p.add_argument("out", type=Path, metavar="OUT", help="the prepared data folder (created if needed)")
@@ -65,49 +78,55 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--models", type=Path, metavar="MODELS", help="a folder laid out like ComfyUI's models folder")
     g.add_argument("--captioner", metavar="PATH|NAME",
                    help="a local transformers image-text-to-text model folder (e.g. LLaVA, Qwen2-VL, BLIP)")
-    g.add_argument("--dwpose-detector", default=DETECTOR_FILE, metavar="PATH|NAME", help="%(default)s")
-    g.add_argument("--dwpose-estimator", default=ESTIMATOR_FILE, metavar="PATH|NAME", help="%(default)s")
+    g.add_argument("--dwpose-detector", default=DETECTOR_FILE, metavar="PATH|NAME",
+                   help="DWPose's YOLOX person detector (%(default)s)")
+    g.add_argument("--dwpose-estimator", default=ESTIMATOR_FILE, metavar="PATH|NAME",
+                   help="DWPose's whole-body estimator (%(default)s)")
     g.add_argument("--zoedepth", default=ZOEDEPTH_NAME, metavar="PATH|NAME", help="ZoeDepth folder (%(default)s)")
     g.add_argument("--insightface", default=INSIGHTFACE_NAME, metavar="PATH|NAME",
                    help="InsightFace pack folder or name (%(default)s; buffalo_l works too)")
 
     g = p.add_argument_group("clips")
-    g.add_argument("--min-seconds", type=float, default=bounds.min_seconds,
+    g.add_argument("--min-seconds", metavar="S", type=float, default=bounds.min_seconds,
                    help="shorter scenes are dropped (%(default)s)")
-    g.add_argument("--max-seconds", type=float, default=bounds.max_seconds,
+    g.add_argument("--max-seconds", metavar="S", type=float, default=bounds.max_seconds,
                    help="longer scenes are split into clips of at most this length (%(default)s)")
-    g.add_argument("--cut-threshold", type=float, default=scenes.cut_threshold,
+    g.add_argument("--cut-threshold", metavar="T", type=float, default=scenes.cut_threshold,
                    help="PySceneDetect content threshold for hard cuts; lower finds more (%(default)s)")
-    g.add_argument("--fade-threshold", type=float, default=scenes.fade_threshold,
+    g.add_argument("--fade-threshold", metavar="T", type=float, default=scenes.fade_threshold,
                    help="mean RGB level (0-255) below which a frame counts as faded to black (%(default)s)")
-    g.add_argument("--fade-trim", type=float, default=scenes.fade_trim,
+    g.add_argument("--fade-trim", metavar="F", type=float, default=scenes.fade_trim,
                    help="scene ends darker than this fraction of the scene's median brightness are cut off, "
                         "removing fade ramps; 0 keeps them (%(default)s)")
-    g.add_argument("--short-side", type=int, default=defaults.short_side,
+    g.add_argument("--short-side", metavar="PX", type=_count(0), default=defaults.short_side,
                    help="clips and images are scaled down to this shorter side in pixels; 0 keeps the source "
                         "size (%(default)s)")
-    g.add_argument("--crf", type=int, default=defaults.crf, help="x264 quality of the clips, lower is better "
-                                                                  "(%(default)s)")
+    g.add_argument("--crf", metavar="Q", type=_count(0), default=defaults.crf,
+                   help="x264 quality of the clips, lower is better (%(default)s)")
 
     g = p.add_argument_group("captions, hints and faces")
-    g.add_argument("--caption-prompt", default=DEFAULT_PROMPT,
+    g.add_argument("--caption-prompt", metavar="TEXT", default=DEFAULT_PROMPT,
                    help="instruction given with each keyframe ('%(default)s', the paper's MiniGPT-v2 prompt); "
                         "'' for plain captioning models")
-    g.add_argument("--caption-max-tokens", type=int, default=defaults.max_new_tokens, help="%(default)s")
-    g.add_argument("--caption-batch", type=int, default=defaults.caption_batch, help="%(default)s")
-    g.add_argument("--depth-batch", type=int, default=defaults.depth_batch, help="ZoeDepth batch (%(default)s)")
-    g.add_argument("--min-face-size", type=int, default=defaults.min_face_size,
+    g.add_argument("--caption-max-tokens", metavar="N", type=_count(1), default=defaults.max_new_tokens,
+                   help="longest caption in tokens (%(default)s)")
+    g.add_argument("--caption-batch", metavar="N", type=_count(1), default=defaults.caption_batch,
+                   help="keyframes captioned at once (%(default)s)")
+    g.add_argument("--depth-batch", metavar="N", type=_count(1), default=defaults.depth_batch,
+                   help="frames ZoeDepth sees at once (%(default)s)")
+    g.add_argument("--min-face-size", metavar="PX", type=_count(0), default=defaults.min_face_size,
                    help="smaller faces (box side in pixels) are left out of the face set (%(default)s)")
     g.add_argument("--skip", type=_steps, action="append", default=[], metavar="STEP[,STEP]",
                    help=f"leave out steps: {', '.join(STEPS)} (repeatable)")
 
     g = p.add_argument_group("running")
-    g.add_argument("--workers", type=int, default=1, help="processes on this machine; with several GPUs, one "
-                                                          "GPU each in turn (%(default)s)")
+    g.add_argument("--workers", metavar="N", type=_count(1), default=1,
+                   help="processes on this machine; with several GPUs, one GPU each in turn (%(default)s)")
     g.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                    help="take only shard I of N (0-based) of the sources; every machine of a job array runs the "
                         "same command with its own I")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="%(default)s")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where the models run (auto: the GPU when torch sees one)")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                    help="captioner precision (auto: bfloat16 on CUDA, float32 on the CPU)")
     g.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -126,9 +145,9 @@ def config_from(args: argparse.Namespace) -> PrepareConfig:
         prompt=args.caption_prompt, max_new_tokens=args.caption_max_tokens, caption_batch=args.caption_batch,
         depth_batch=args.depth_batch, min_face_size=args.min_face_size, skip=skip, device=args.device,
         dtype=args.dtype, workers=args.workers, shard=args.shard)
-    models = resolve_models(args.models, dwpose_detector=args.dwpose_detector, dwpose_estimator=args.dwpose_estimator,
-                            zoedepth=args.zoedepth, insightface=args.insightface, captioner=args.captioner,
-                            needed_for=config.steps)
+    models = resolve_models(args.models, dwpose_detector=args.dwpose_detector,
+                            dwpose_estimator=args.dwpose_estimator, zoedepth=args.zoedepth,
+                            insightface=args.insightface, captioner=args.captioner, needed_for=config.steps)
     return PrepareConfig(**{**config.__dict__, "models": models})
 
 

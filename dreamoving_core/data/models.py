@@ -19,8 +19,8 @@ NEEDS = {"captions": ("captioner",), "pose": ("dwpose_detector", "dwpose_estimat
          "faces": ("insightface",), "cloth": ("dwpose_detector",)}
 
 DOWNLOADS = {
-    "dwpose_detector": f"'{DETECTOR_FILE}' from huggingface.co/yzd-v/DWPose, into MODELS/{PREPROCESS_DIR.as_posix()}/",
-    "dwpose_estimator": f"'{ESTIMATOR_FILE}' from huggingface.co/yzd-v/DWPose, into MODELS/{PREPROCESS_DIR.as_posix()}/",
+    "dwpose_detector": f"'{DETECTOR_FILE}' from huggingface.co/yzd-v/DWPose into MODELS/{PREPROCESS_DIR.as_posix()}/",
+    "dwpose_estimator": f"'{ESTIMATOR_FILE}' from huggingface.co/yzd-v/DWPose into MODELS/{PREPROCESS_DIR.as_posix()}/",
     "zoedepth": "the files of huggingface.co/Intel/zoedepth-nyu-kitti (config.json, model.safetensors, "
                 f"preprocessor_config.json), into MODELS/{PREPROCESS_DIR.as_posix()}/{ZOEDEPTH_NAME}/",
     "insightface": f"the .onnx files of the InsightFace pack antelopev2 (or buffalo_l), into "

@@ -2,17 +2,17 @@
 
 Per source video, in ``OUT/sources/<id>/`` (``<clip>`` = ``<start>-<end>``, its frame range in the source):
 
-==============================  =====================================================================
-``scenes.json``                 detected scenes and the detection settings (changed settings detect again)
-``encoding.json``               clip size and quality; changed, every clip of the video is made again
-``<clip>.mp4``                  the clip, H.264, scaled to ``short_side``, at the source frame rate
-``<clip>.keyframe.png``         its centre frame: what is captioned and searched for a face
-``<clip>.captions.json``        caption cache (:mod:`.captions`)
-``<clip>.pose.json``            DWPose ``POSE_KEYPOINT``, one dict per frame (:mod:`.hints`)
-``<clip>.depth.safetensors``    ZoeDepth depth ``(F, H, W)`` float16
-``<clip>.face.json`` …          face outcome, crop, ArcFace embedding, cloth crop (:mod:`.faces`)
-``clips.jsonl``, ``faces.jsonl``  the source's manifest rows
-==============================  =====================================================================
+=================================  ==================================================================
+``scenes.json``                    detected scenes and the detection settings (changed settings detect again)
+``encoding.json``                  clip size and quality; changed, every clip of the video is made again
+``<clip>.mp4``                     the clip, H.264, scaled to ``short_side``, at the source frame rate
+``<clip>.keyframe.png``            its centre frame: what is captioned and searched for a face
+``<clip>.captions.json``           caption cache (:mod:`.captions`)
+``<clip>.pose.json``               DWPose ``POSE_KEYPOINT``, one dict per frame (:mod:`.hints`)
+``<clip>.depth.safetensors``       ZoeDepth depth ``(F, H, W)`` float16
+``<clip>.face.json`` …             face outcome, crop, ArcFace embedding, cloth crop (:mod:`.faces`)
+``clips.jsonl``, ``faces.jsonl``   the source's manifest rows
+=================================  ==================================================================
 
 Per source image: ``image.png`` (upright, scaled to ``short_side``) with its caption cache and face files. Images
 and clip keyframes both enter the face set: the keyframes give in-domain dancers with their clip's caption, the
@@ -88,8 +88,9 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class Source:
-    """A video or image to prepare: ``path``, and ``key`` (its path relative to the folder it was found in, or its
-    name) which with its size makes its ``id`` — the same on every machine that sees the same file there."""
+    """A video or image to prepare: ``path``, and ``key`` (``<folder name>/<path inside it>`` for a file found in a
+    source folder, its name for a file given directly) which with its size makes its ``id``: the same on every
+    machine given the same source folder, wherever it is mounted."""
 
     path: Path
     key: str
@@ -108,25 +109,30 @@ class Source:
 
 
 def find_sources(inputs: list[str | Path], out: Path) -> list[Source]:
-    """Videos and images in ``inputs`` (folders searched recursively, ``out`` left out), sorted by id. A file given
-    by name is taken as an image when its suffix says so, else as a video."""
+    """Videos and images in ``inputs`` (folders searched recursively, ``out`` and hidden files left out), sorted by
+    id. A file given by name is taken as an image when its suffix says so, else as a video."""
     found: dict[Path, Source] = {}
     out = out.resolve()
     for given in map(Path, inputs):
         if given.is_dir():
-            for path in sorted(given.rglob("*")):
-                suffix = path.suffix.lower()
-                if not path.is_file() or out in path.resolve().parents or path.name.startswith("."):
-                    continue
-                if suffix in VIDEO_SUFFIXES | IMAGE_SUFFIXES:
-                    kind = "image" if suffix in IMAGE_SUFFIXES else "video"
-                    found.setdefault(path.resolve(), Source(path, path.relative_to(given).as_posix(), kind))
+            root = given.resolve().name
+            paths = [p for p in sorted(given.rglob("*")) if p.suffix.lower() in VIDEO_SUFFIXES | IMAGE_SUFFIXES
+                     and p.is_file() and not p.name.startswith(".") and out not in p.resolve().parents]
+            keys = [f"{root}/{p.relative_to(given).as_posix()}" for p in paths]
         elif given.is_file():
-            kind = "image" if given.suffix.lower() in IMAGE_SUFFIXES else "video"
-            found.setdefault(given.resolve(), Source(given, given.name, kind))
+            paths, keys = [given], [given.name]
         else:
             raise InputMismatchError(f"source '{given}' does not exist")
-    return sorted(found.values(), key=lambda s: s.id)
+        for path, key in zip(paths, keys):
+            kind = "image" if path.suffix.lower() in IMAGE_SUFFIXES else "video"
+            found.setdefault(path.resolve(), Source(path, key, kind))
+    by_id: dict[str, Source] = {}
+    for source in found.values():
+        other = by_id.setdefault(source.id, source)
+        if other is not source:
+            raise InputMismatchError(f"'{other.path}' and '{source.path}' have the same name within their source "
+                                     "folders and the same size; give only one of them")
+    return sorted(by_id.values(), key=lambda s: s.id)
 
 
 # --- models of one process ----------------------------------------------------------------------------------------
@@ -217,24 +223,24 @@ class _SourceJob:
             self.report.work["captions"] += len(batch)
         return [captions[s] for s in stems]
 
-    def face(self, stem: Path, image_path: Path, caption: str) -> FaceRecord | None:
-        """The face row of the image at ``image_path`` (analysed once, see :mod:`.faces`), ``None`` without a
-        face."""
+    def face(self, stem: Path, image_path: Path) -> dict | None:
+        """The face outcome of the image at ``image_path`` (analysed once, see :mod:`.faces`); ``None`` when the
+        face set is skipped."""
         if not self.config.wants("faces"):
             return None
-        files = FaceFiles.of(stem)
-        outcome = files.outcome_or_none()
+        outcome = FaceFiles.of(stem).outcome_or_none()
         cloth = self.config.wants("cloth")
         if outcome is None or (cloth and outcome["found"] and outcome["cloth"] is None):
             outcome = analyse_face(stem, read_image(image_path), f"'{self.store.relative(image_path)}'",
                                    self.models.faces, self.models.dwpose if cloth else None,
                                    self.config.min_face_size)
             self.report.work["faces"] += 1
-        if not outcome["found"]:
-            return None
-        rel = self.store.relative
-        return FaceRecord(rel(image_path), rel(files.face), rel(files.arcface),
-                          rel(files.cloth) if cloth and outcome["cloth"] else None, caption)
+        return outcome
+
+    def face_row(self, stem: Path, image_path: Path, outcome: dict, caption: str) -> FaceRecord:
+        files, rel = FaceFiles.of(stem), self.store.relative
+        cloth = rel(files.cloth) if self.config.wants("cloth") and outcome["cloth"] else None
+        return FaceRecord(rel(image_path), rel(files.face), rel(files.arcface), cloth, caption)
 
     # videos
 
@@ -273,8 +279,7 @@ class _SourceJob:
                 for (s, e), stem in zip(ranges, stems)]
         missing = [j for j in jobs if not (j.clip.is_file() and j.keyframe.is_file())]
         if missing:
-            size = output_size(scenes["width"], scenes["height"], self.config.short_side)
-            cut_clips(self.source.path, missing, rate, size, self.config.crf)
+            cut_clips(self.source.path, missing, rate, self.config.short_side, self.config.crf)
             self.report.work["clips"] += len(missing)
         captions = self.captions(stems, lambda stem: read_image(beside(stem, ".keyframe.png")))
         clips, faces = [], []
@@ -287,9 +292,9 @@ class _SourceJob:
             clips.append(ClipRecord(rel(job.clip), str(self.source.path.resolve()), float(start / rate),
                                     float(end / rate), float(info.rate), info.frames, info.width, info.height,
                                     caption, rel(pose) if pose else None, rel(depth) if depth else None))
-            face = self.face(stem, job.keyframe, caption)
-            if face is not None:
-                faces.append(face)
+            outcome = self.face(stem, job.keyframe)
+            if outcome and outcome["found"]:
+                faces.append(self.face_row(stem, job.keyframe, outcome, caption))
         return clips, faces
 
     def hints(self, clip: Path, pose: Path | None, depth: Path | None) -> None:
@@ -324,9 +329,10 @@ class _SourceJob:
                 image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
             write_image(path, image)
             self.report.work["images"] += 1
-        caption = self.captions([stem], lambda s: read_image(path))[0]
-        face = self.face(stem, path, caption)
-        return [face] if face is not None else []
+        outcome = self.face(stem, path)
+        if not outcome["found"]:
+            return []
+        return [self.face_row(stem, path, outcome, self.captions([stem], lambda s: read_image(path))[0])]
 
     def run(self) -> SourceReport:
         before = len(self.models.loaded)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputMismatchError
-from .video import VideoInfo
+from .video import VideoInfo, probe
 
 BRIGHTNESS = "average_rgb"  # ThresholdDetector's per-frame metric
 
@@ -61,12 +61,12 @@ def detect_scenes(path: str | Path, config: SceneConfig = SceneConfig()) -> tupl
     from scenedetect.video_stream import FrameRateUnavailable
 
     path = Path(path)
+    info = probe(path)  # the rate PySceneDetect's PyAV backend numbers frames with, and the one clips are cut at
     try:
         video = VideoStreamAv(str(path), suppress_output=True)  # keep FFmpeg's logging as the application set it
     except (VideoOpenFailure, FrameRateUnavailable, OSError) as err:
         raise InputMismatchError(f"'{path.name}' is not a readable video ({err or type(err).__name__})") from err
-    rate = Fraction(video.frame_rate)
-    gap = max(1, round(config.min_gap * float(rate)))
+    gap = max(1, round(config.min_gap * float(info.rate)))
     stats = StatsManager()
     manager = SceneManager(stats)
     manager.add_detector(ContentDetector(threshold=config.cut_threshold, min_scene_len=gap))
@@ -80,8 +80,7 @@ def detect_scenes(path: str | Path, config: SceneConfig = SceneConfig()) -> tupl
     bounds = [0, *sorted(n for n in starts if 0 < n < frames), frames]
     brightness = np.array([stats.get_metrics(n, [BRIGHTNESS])[0] if stats.metrics_exist(n, [BRIGHTNESS]) else np.nan
                            for n in range(frames)], dtype=np.float64)
-    width, height = video.frame_size
-    info = VideoInfo(rate, frames, width, height)
+    info = VideoInfo(info.rate, frames, info.width, info.height)
     return info, trim_fades(list(zip(bounds[:-1], bounds[1:])), brightness, config)
 
 

@@ -66,16 +66,17 @@ def probe(path: str | Path) -> VideoInfo:
                          stream.codec_context.height)
 
 
-def output_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+def output_size(width: int, height: int, short_side: int = 0) -> tuple[int, int]:
     """``(width, height)`` scaled down so the shorter side is ``short_side`` (0, or a smaller video: unchanged),
     rounded down to even numbers as H.264 4:2:0 needs."""
     k = min(1.0, short_side / min(width, height)) if short_side > 0 else 1.0
     return max(2, int(width * k) // 2 * 2), max(2, int(height * k) // 2 * 2)
 
 
-def read_frames(path: str | Path, size: tuple[int, int] | None = None) -> Iterator[tuple[int, np.ndarray]]:
-    """``(frame number, (H, W, 3) uint8 RGB)`` for every decodable frame, in decoding order; ``size`` = (w, h)
-    resizes (area interpolation). Packets that fail to decode are skipped with a warning, as PySceneDetect does."""
+def read_frames(path: str | Path, short_side: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+    """``(frame number, (H, W, 3) uint8 RGB)`` for every decodable frame, in decoding order: turned upright by the
+    stream's display rotation (phone videos) and scaled by :func:`output_size` (area interpolation). Packets that
+    fail to decode are skipped with a warning, as PySceneDetect does."""
     import av
 
     path = Path(path)
@@ -94,9 +95,15 @@ def read_frames(path: str | Path, size: tuple[int, int] | None = None) -> Iterat
                 if frame.pts is None:
                     continue
                 seconds = (frame.pts - start) * Fraction(frame.time_base.numerator, frame.time_base.denominator)
-                if size is not None and (frame.width, frame.height) != size:
-                    frame = frame.reformat(width=size[0], height=size[1], interpolation="AREA")
-                yield round(seconds * rate), frame.to_ndarray(format="rgb24")
+                quarter_turns = round((frame.rotation or 0) / 90) % 4  # counter-clockwise, as FFmpeg displays it
+                width, height = (frame.height, frame.width) if quarter_turns % 2 else (frame.width, frame.height)
+                width, height = output_size(width, height, short_side)
+                if quarter_turns % 2:
+                    width, height = height, width
+                if (width, height) != (frame.width, frame.height):
+                    frame = frame.reformat(width=width, height=height, interpolation="AREA")
+                image = frame.to_ndarray(format="rgb24")
+                yield round(seconds * rate), np.ascontiguousarray(np.rot90(image, quarter_turns))
         if failures:
             log.warning("%s: %d packets could not be decoded and were skipped", path.name, failures)
 
@@ -192,11 +199,11 @@ class ClipJob:
         return (self.start + self.end) // 2
 
 
-def cut_clips(source: str | Path, jobs: list[ClipJob], rate: Fraction, size: tuple[int, int],
+def cut_clips(source: str | Path, jobs: list[ClipJob], rate: Fraction, short_side: int = 0,
               crf: int = DEFAULT_CRF) -> None:
-    """Decode ``source`` once and write every job's clip (``size`` = (w, h)) and keyframe (PNG). ``jobs`` must not
-    overlap."""
-    frames = _Lookahead(read_frames(source, size))
+    """Decode ``source`` once and write every job's clip (frames as :func:`read_frames` gives them) and keyframe
+    (PNG). ``jobs`` must not overlap."""
+    frames = _Lookahead(read_frames(source, short_side))
     for job in sorted(jobs, key=lambda j: j.start):
         if frames.head is None:
             raise InputMismatchError(f"'{Path(source).name}' ended before frame {job.start}")
