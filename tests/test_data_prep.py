@@ -175,6 +175,10 @@ def test_shards_partition_the_sources_and_their_rows_meet_in_one_manifest(prepar
         assert {r.clip.split("/")[1] for r in rows} <= set().union(*owned)
     assert not owned[0] & owned[1] and owned[0] | owned[1] == {s.id for s in find_sources([prepared.src], out_dir)}
     assert [(r.clip, frame_range(r)) for r in rows] == [(r.clip, frame_range(r)) for r in prepared.clips]
+    manifest = (out_dir / "clips.jsonl").read_text()
+    (out_dir / "clips.jsonl").unlink()
+    assert cli.main(["merge", str(out_dir)]) == 0  # what a job after the whole array runs
+    assert (out_dir / "clips.jsonl").read_text() == manifest
 
 
 def test_shards_split_many_sources_evenly_and_each_to_exactly_one_shard(tmp_path):
@@ -228,3 +232,23 @@ def test_rotated_phone_videos_are_read_upright_and_scaled(tmp_path):
         assert len(frames) == 3 and frames[0].shape == shape
         bar = shape[0] // 8
         assert frames[0][-bar:].mean() > 200 and frames[0][:-bar - 1].mean() < 30
+
+
+@pytest.mark.gpu
+def test_preparation_runs_its_models_on_the_gpu_with_the_cpu_results(prepared, capsys, tmp_path):
+    assert torch.cuda.is_available(), "the gpu marker needs a CUDA device"
+    out_dir = tmp_path / "out"
+    torch.cuda.reset_peak_memory_stats()
+    out = prepare_here(capsys, prepared.src, out_dir, "--models", str(prepared.models), *ARGS, "--device", "cuda")
+    assert torch.cuda.max_memory_allocated() > 0 and "models loaded: captioner, dwpose, insightface, zoedepth" in out
+    rows = read_records(out_dir / "clips.jsonl", ClipRecord)
+    assert [frame_range(r) for r in rows] == [frame_range(r) for r in prepared.clips]
+    for gpu, cpu in zip(rows, prepared.clips):
+        assert gpu.caption
+        depth_gpu, depth_cpu = (load_file(o / r.depth)["depth"].float() for o, r in ((out_dir, gpu),
+                                                                                      (prepared.out, cpu)))
+        assert torch.allclose(depth_gpu, depth_cpu, rtol=1e-2, atol=1e-2)
+        poses = [json.loads((o / r.pose).read_text()) for o, r in ((out_dir, gpu), (prepared.out, cpu))]
+        assert np.allclose([f["people"][0]["pose_keypoints_2d"] for f in poses[0]],
+                           [f["people"][0]["pose_keypoints_2d"] for f in poses[1]], atol=1.0)
+    assert len(read_records(out_dir / "faces.jsonl", FaceRecord)) == len(prepared.faces)

@@ -405,14 +405,13 @@ def setup_logging(level: int) -> None:
 _worker: dict = {}
 
 
-def _init_worker(config: PrepareConfig, counter, level: int) -> None:
-    """A worker process: its GPU (one per worker, in turn), its share of the CPU threads, its own models."""
+def _init_worker(config: PrepareConfig, counter, gpus: list[str], level: int) -> None:
+    """A worker process: its GPU (one of ``gpus`` per worker, in turn), its share of the CPU threads, its models."""
     setup_logging(level)
     with counter.get_lock():
         slot, counter.value = counter.value, counter.value + 1
-    gpus = torch.cuda.device_count() if config.device != "cpu" else 0
-    if gpus > 1:  # before anything touches CUDA in this process
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    if len(gpus) > 1:  # before anything in this process touches CUDA
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.workers))
     _worker.update(models=Models(config), store=Store(config.out), config=config)
 
@@ -444,8 +443,11 @@ def prepare(inputs: list[str | Path], config: PrepareConfig) -> Summary:
         else:
             context = multiprocessing.get_context("spawn")  # CUDA and onnxruntime do not survive a fork
             counter = context.Value("i", 0)
+            count = torch.cuda.device_count() if config.device != "cpu" else 0  # this process never uses CUDA
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpus = visible.split(",")[:count] if visible else [str(i) for i in range(count)]
             level = logging.getLogger().getEffectiveLevel()
-            with context.Pool(config.workers, _init_worker, (config, counter, level)) as pool:
+            with context.Pool(config.workers, _init_worker, (config, counter, gpus, level)) as pool:
                 for report in pool.imap_unordered(_work, sources):
                     reports.append(report)
                     bar.update()
