@@ -96,6 +96,14 @@ def test_each_clip_is_captioned_by_the_captioner_from_its_centre_keyframe(prepar
     assert len({row.caption for row in prepared.clips}) > 1
 
 
+def test_a_captioning_model_without_chat_template_gets_the_prompt_as_plain_text(prepared):
+    keyframes = [read_image(prepared.out / row.clip.replace(".mp4", ".keyframe.png")) for row in prepared.clips[:2]]
+    for prompt in ("", "a dancer"):  # unconditional, and a prefix BLIP continues
+        for caption in Captioner(tiny.blip_captioner_dir(), prompt=prompt, max_new_tokens=8).caption(keyframes):
+            words = caption.split()
+            assert len(words) >= 4 and set(words) <= set(tiny.CAPTION_WORDS) and caption.startswith(prompt), caption
+
+
 def test_hints_hold_one_pose_and_one_depth_map_per_frame(prepared):
     from dreamoving_core.preprocess.zoedepth import load_zoedepth
 

@@ -145,6 +145,33 @@ def captioner_dir() -> Path:
     return cached("captioner/v1/tiny-llava", _save_captioner)
 
 
+def _save_blip(path: Path) -> None:
+    import torch
+    from transformers import (BertTokenizerFast, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor, GenerationConfig)
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(specials + list(CAPTION_WORDS))},
+                                  bos_token="[DEC]")
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                              tokenizer=tokenizer)
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = BlipConfig(vision_config={**layers, "image_size": 32, "patch_size": 8},
+                        text_config={**layers, "vocab_size": len(tokenizer), "encoder_hidden_size": 32,
+                                     "bos_token_id": 5, "pad_token_id": 0, "sep_token_id": 3})
+    torch.manual_seed(0)
+    model = BlipForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(bos_token_id=5, eos_token_id=3, pad_token_id=0, min_new_tokens=4)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def blip_captioner_dir() -> Path:
+    """A tiny random BLIP captioner folder: a captioning model without chat template, which continues a plain text
+    prompt."""
+    return cached("captioner/v1/tiny-blip", _save_blip)
+
+
 def data_sources(folder: Path) -> Path:
     """A source folder: ``videos/film.mp4`` (``FILM``), ``videos/broken.mp4`` (corrupt), ``photos/face.png`` (a
     face for the tiny InsightFace pack) and ``photos/noface.png`` (none)."""

@@ -102,8 +102,8 @@ class Captioner:
         text = self._text()
         kwargs = {"text": [text] * len(images), "padding": True} if text else {}
         inputs = self._processor(images=[Image.fromarray(i) for i in images], return_tensors="pt", **kwargs)
-        inputs = {k: v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device)
-                  for k, v in inputs.items()}
+        inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
+                  if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         out = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         prompt = inputs.get("input_ids")
         if prompt is not None and out.shape[1] >= prompt.shape[1] and torch.equal(out[:, :prompt.shape[1]], prompt):
