@@ -104,6 +104,23 @@ def test_a_captioning_model_without_chat_template_gets_the_prompt_as_plain_text(
             assert len(words) >= 4 and set(words) <= set(tiny.CAPTION_WORDS) and caption.startswith(prompt), caption
 
 
+def test_the_caption_key_follows_the_model_files_not_where_they_are(tmp_path):
+    from dreamoving_core.data.captions import fingerprint
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny.captioner_dir(), model)
+    (model / ".cache").mkdir()
+    (model / ".cache" / "download.lock").write_text("1")
+    shutil.copytree(model, tmp_path / "copy")
+    (tmp_path / "copy" / ".cache" / "download.lock").write_text("2")
+    assert fingerprint(model) == fingerprint(tmp_path / "copy")
+    weights = bytearray((model / "model.safetensors").read_bytes())
+    weights[-1] ^= 1  # one bit of the last weight
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    assert fingerprint(model) != fingerprint(tmp_path / "copy")
+    assert Captioner(model).key != Captioner(tmp_path / "copy").key != Captioner(model, prompt="other").key
+
+
 def test_hints_hold_one_pose_and_one_depth_map_per_frame(prepared):
     from dreamoving_core.preprocess.zoedepth import load_zoedepth
 

@@ -31,17 +31,19 @@ CACHE_SUFFIX = ".captions.json"
 
 
 def fingerprint(folder: str | os.PathLike) -> str:
-    """A hash identifying the model in ``folder`` without reading all of its weights."""
+    """A hash identifying the model in ``folder`` without reading all of its weights: the same for a copy of the
+    folder elsewhere, different when a file changes size or its first or last MiB changes. Hidden files and folders
+    (a download tool's ``.cache``) do not count."""
     folder = Path(folder)
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    files = (p for p in folder.rglob("*") if p.is_file())
+    for path in sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(folder).parts)):
         size = path.stat().st_size
         digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
         with open(path, "rb") as f:
             digest.update(f.read(FINGERPRINT_BYTES))
-            if size > 2 * FINGERPRINT_BYTES:
-                f.seek(-FINGERPRINT_BYTES, os.SEEK_END)
-                digest.update(f.read())
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))  # the last MiB (all of a small file)
+            digest.update(f.read())
     return digest.hexdigest()
 
 
