@@ -26,17 +26,16 @@ from .score import score_video
 
 
 def read_video(path: str | Path, what: str) -> np.ndarray:
-    """All frames of a video file as ``(F, H, W, 3)`` uint8 RGB (PyAV)."""
-    import av
+    """All frames of a video file as ``(F, H, W, 3)`` uint8 RGB (data preparation's reader: PyAV, upright)."""
+    from ..data.video import read_frames
 
     path = Path(path)
     if not path.is_file():
         raise InputMismatchError(f"{what}: '{path}' does not exist")
     try:
-        with av.open(str(path)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    except (av.error.FFmpegError, IndexError) as err:
-        raise InputMismatchError(f"{what}: '{path.name}' is not a readable video ({err})") from err
+        frames = [image for _, image in read_frames(path)]
+    except InputMismatchError as err:
+        raise InputMismatchError(f"{what}: {err}") from err
     if not frames:
         raise InputMismatchError(f"{what}: '{path.name}' has no frames")
     return np.stack(frames)
@@ -44,13 +43,12 @@ def read_video(path: str | Path, what: str) -> np.ndarray:
 
 def read_image(path: str | Path, what: str) -> np.ndarray:
     """An image file as ``(H, W, 3)`` float32 RGB in 0 … 1."""
-    from PIL import Image, UnidentifiedImageError
+    from ..data.video import read_image as read_uint8
 
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as err:
-        raise InputMismatchError(f"{what}: '{path}' is not a readable image ({err})") from err
+        return read_uint8(path).astype(np.float32) / 255.0
+    except InputMismatchError as err:
+        raise InputMismatchError(f"{what}: {err}") from err
 
 
 def read_face(path: str):
