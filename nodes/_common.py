@@ -188,7 +188,8 @@ def queue_checked(schema: io.Schema) -> list[str]:
 
 
 def _value_problem(inp, value, queued: bool) -> str | None:
-    """What is wrong with one widget value (None: nothing)."""
+    """What is wrong with one widget value (None: nothing); ``queued``: also its range (ComfyUI checks it itself
+    only for inputs ``validate_inputs`` does not take, and never for values that arrive over links)."""
     if isinstance(inp, (io.Float.Input, io.Int.Input)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"{inp.id} must be a number, got {value!r}"
@@ -268,7 +269,7 @@ def guard(node: type[io.ComfyNode]) -> type[io.ComfyNode]:
         current = cls.define_schema()  # options follow the model folders as they are now
         found = problems(current, values, queued=True)
         if found:
-            return f"{_display(current)}: {'; '.join(found)}"
+            return f"{display}: {'; '.join(found)}"
         if own_validate is not None:
             wanted = values if own_args.varkw else {k: v for k, v in values.items() if k in own_args.args}
             return own_validate.__func__(cls, **wanted)
@@ -276,8 +277,10 @@ def guard(node: type[io.ComfyNode]) -> type[io.ComfyNode]:
 
     parameters = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
                   for n in ["cls", *names]]
+    if own_args is not None and own_args.varkw:  # the node's own check wants every input: so do we
+        parameters.append(inspect.Parameter("values", inspect.Parameter.VAR_KEYWORD))
     validate_inputs.__signature__ = inspect.Signature(parameters)  # ComfyUI passes exactly these inputs
-    execute = node.__dict__["execute"].__func__ if "execute" in node.__dict__ else node.execute.__func__
+    execute = node.execute.__func__
 
     def checked(cls, kwargs: dict) -> dict:
         current = cls.define_schema()
