@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import os
 import shutil
 import sys
 import tempfile
@@ -31,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from devtools.client import ComfyClient  # noqa: E402
 from devtools.demo import install_tiny_models, load_graph  # noqa: E402
-from devtools.host import COMFYUI_VERSION, cache_dir  # noqa: E402
+from devtools.host import cache_dir, current_comfy_dir  # noqa: E402
 from devtools.server import ComfyServer  # noqa: E402
 
 OUTPUTS = ("SaveVideo", "CreateVideo", "VAEDecode", "SaveImage", "PreviewImage")
@@ -78,7 +77,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the demo graph's)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before the soak gives up")
     args = parser.parse_args()
-    comfy_dir = Path(os.environ.get("COMFYUI_DIR") or cache_dir() / f"comfyui-{COMFYUI_VERSION}")
+    comfy_dir = current_comfy_dir()  # COMFYUI_DIR, else the pinned host
     base = Path(tempfile.mkdtemp(prefix="soak-", dir=cache_dir()))  # beside the tiny models: hard links work
     full, plain = graphs(base, args.steps)
     server = ComfyServer(comfy_dir, base).start()

@@ -23,7 +23,7 @@ from devtools.tiny import content_guider as tiny_guider
 from devtools.tiny import controlnet as tiny_controlnet
 from devtools.tiny import motion as tiny_motion
 from devtools.tiny import preprocess as tiny_preprocess
-from devtools.tiny.hostile import BAD_KINDS, bad_model, training_checkpoint, unsafe_marker
+from devtools.tiny.hostile import bad_model, training_checkpoint, unsafe_marker
 from tests.graphs import base_graph, run_latent
 
 NAN, INF = float("nan"), float("inf")
