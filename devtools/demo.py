@@ -56,6 +56,8 @@ TINY_MODELS: dict[tuple[str, str], tuple[str, Callable[[], Path]]] = {
     ("DreaMovingLoadInsightFace", "pack"): ("models/insightface/models", lambda: _tiny("content_guider", "insightface_root")() / "models" / "buffalo_l"),
     ("DreaMovingDWPose", "detector"): ("models/dreamoving/preprocess", _tiny("preprocess", "yolox_onnx")),
     ("DreaMovingDWPose", "estimator"): ("models/dreamoving/preprocess", _tiny("preprocess", "dwpose_onnx")),
+    ("DreaMovingScoreVideo", "detector"): ("models/dreamoving/preprocess", _tiny("preprocess", "yolox_onnx")),
+    ("DreaMovingScoreVideo", "estimator"): ("models/dreamoving/preprocess", _tiny("preprocess", "dwpose_onnx")),
     ("DreaMovingZoeDepth", "model"): ("models/dreamoving/preprocess", _tiny("preprocess", "zoedepth_dir")),
     ("LoadVideo", "file"): ("input", _tiny_dance_video),
     ("LoadImage", "image"): ("input", _tiny_face_png),

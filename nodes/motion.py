@@ -25,7 +25,6 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
-import folder_paths
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, TimestepEmbedSequential,
                                                             Upsample)
@@ -36,18 +35,17 @@ from dreamoving_core.motion.model import DEFAULT_POSITIONAL_LENGTH, PE_EXTENSION
 from dreamoving_core.motion.format import load_motion_module
 
 from ._comfy import context_handler_class, frame_windows
-from ._common import node_error, reports_errors
+from ._common import ModelCombo, ModelFolder, custom_type, node_error
 
 CATEGORY = "DreaMoving/Motion"
 LOAD_NAME = "Load Motion Module"
 APPLY_NAME = "Apply Motion Module"
 CONTEXT_NAME = "Motion Context Options"
-MOTION_FOLDERS = ("dreamoving_motion", "animatediff_models")
+MOTION_FOLDER = ModelFolder(("dreamoving_motion", "animatediff_models"), "motion module",
+                            "put mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt (huggingface.co/guoyww/animatediff) or a "
+                            "DreaMoving motion module there")
 ADDITIONAL_MODELS_KEY = "dreamoving_motion"
 WRAPPER_KEY = "dreamoving_motion_frames"
-
-MotionModuleIO = io.Custom("MOTION_MODULE")
-ContextOptionsIO = io.Custom("DREAMOVING_CONTEXT_OPTIONS")
 
 
 @dataclass
@@ -57,6 +55,9 @@ class LoadedMotionModule:
     name: str
     module: MotionModule
     patcher: comfy.model_patcher.ModelPatcher
+
+
+MotionModuleIO = custom_type("MOTION_MODULE", LoadedMotionModule)
 
 
 @dataclass(frozen=True)
@@ -78,22 +79,13 @@ class ContextOptions:
             closed_loop=self.closed_loop, dim=0)
 
 
-def motion_file_names() -> list[str]:
-    return sorted({name for folder in MOTION_FOLDERS for name in folder_paths.get_filename_list(folder)})
-
-
-def motion_file_path(name: str) -> str:
-    for folder in MOTION_FOLDERS:
-        path = folder_paths.get_full_path(folder, name)
-        if path:
-            return path
-    raise InputMismatchError(f"'{name}' is not in models/dreamoving/motion or models/animatediff_models")
+ContextOptionsIO = custom_type("DREAMOVING_CONTEXT_OPTIONS", ContextOptions)
 
 
 def load_for_comfy(name: str, positional_length: int, pe_extension: str) -> LoadedMotionModule:
     """Load a motion module with ComfyUI's casting layers (weights follow the input's device and dtype) in the
     U-Net's storage dtype, wrapped in a ``ModelPatcher`` so ComfyUI moves it between devices."""
-    module = load_motion_module(motion_file_path(name), positional_length=positional_length,
+    module = load_motion_module(MOTION_FOLDER.path(name, "model_name"), positional_length=positional_length,
                                 pe_extension=pe_extension, ops=comfy.ops.manual_cast)
     params = sum(p.numel() for p in module.parameters())
     dtype = comfy.model_management.unet_dtype(model_params=params,
@@ -323,10 +315,10 @@ class LoadMotionModule(io.ComfyNode):
             description="Load an SD1.5 motion module: AnimateDiff v1/v2/v3 (.ckpt or .safetensors) or a DreaMoving "
                         "motion module, from models/animatediff_models or models/dreamoving/motion.",
             inputs=[
-                io.Combo.Input("model_name", options=motion_file_names(),
-                               tooltip="Motion module file: mm_sd_v15.ckpt, mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt or a "
-                                       "DreaMoving .safetensors, from models/animatediff_models or "
-                                       "models/dreamoving/motion."),
+                ModelCombo("model_name", MOTION_FOLDER,
+                           tooltip="Motion module file: mm_sd_v15.ckpt, mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt or a "
+                                   "DreaMoving .safetensors, from models/animatediff_models or "
+                                   "models/dreamoving/motion."),
                 io.Int.Input("positional_length", default=DEFAULT_POSITIONAL_LENGTH, min=1, max=4096,
                              tooltip="Frames the motion module can see at once. Modules trained on fewer positions "
                                      "(AnimateDiff v1: 24, v2/v3: 32) are extended to this length, longer tables "
@@ -341,7 +333,6 @@ class LoadMotionModule(io.ComfyNode):
         )
 
     @classmethod
-    @reports_errors(LOAD_NAME)
     def execute(cls, model_name: str, positional_length: int, pe_extension: str) -> io.NodeOutput:
         return io.NodeOutput(load_for_comfy(model_name, positional_length, pe_extension))
 
@@ -370,7 +361,6 @@ class ApplyMotionModule(io.ComfyNode):
         )
 
     @classmethod
-    @reports_errors(APPLY_NAME)
     def execute(cls, model, motion_module: LoadedMotionModule, motion_scale: float,
                 context_options: ContextOptions | None = None) -> io.NodeOutput:
         return io.NodeOutput(apply_motion(model, motion_module, motion_scale, context_options,
