@@ -7,6 +7,10 @@ aspect-keeping resize to multiples of 32, normalisation); the depth comes back r
 padding cut off, as transformers' post-processing does. The hint follows the ControlNet depth annotator: depth between its 2nd and 85th
 percentiles is mapped to 1..0, so near is bright; by default the percentiles are shared by the whole video so the
 brightness of a still background does not flicker.
+
+The model's plain ``torch.nn`` layers are given the ``ops`` classes after transformers builds it
+(``dreamoving_core.ops.adopt_ops``), so a host can cast and offload them like its own; every call loads the folder
+(nothing is cached between calls).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelFormatError
+from ..ops import TORCH_OPS, adopt_ops
 
 NEAR_PERCENTILE, FAR_PERCENTILE = 2.0, 85.0
 QUANTILE_SAMPLES = 4_000_000  # torch.quantile refuses inputs over 16M elements; a strided sample is plenty
@@ -24,7 +29,7 @@ QUANTILE_SAMPLES = 4_000_000  # torch.quantile refuses inputs over 16M elements;
 
 @dataclass
 class ZoeDepth:
-    """A loaded ZoeDepth model and its image processor."""
+    """A loaded ZoeDepth model and its image processor; frames run on ``device`` in ``dtype``."""
 
     model: torch.nn.Module
     processor: object
@@ -103,18 +108,11 @@ def _check_folder(folder: str) -> None:
                                "(config.json model_type 'zoedepth', e.g. Intel/zoedepth-nyu-kitti)")
 
 
-_cache: dict[tuple, ZoeDepth] = {}
-
-
 def load_zoedepth(folder: str | os.PathLike, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> ZoeDepth:
-    """Load ZoeDepth from a local transformers folder; the last loaded model is kept for the next call."""
+                  dtype: torch.dtype = torch.float32, ops=TORCH_OPS) -> ZoeDepth:
+    """Load ZoeDepth from a local transformers folder onto ``device`` in ``dtype``, its layers from ``ops``."""
     folder = os.fspath(folder)
     _check_folder(folder)
-    device = torch.device(device)
-    key = (os.path.realpath(folder), os.path.getmtime(os.path.join(folder, "config.json")), str(device), dtype)
-    if key in _cache:
-        return _cache[key]
     from transformers import ZoeDepthForDepthEstimation, ZoeDepthImageProcessor
 
     try:
@@ -125,6 +123,6 @@ def load_zoedepth(folder: str | os.PathLike, device: torch.device | str = "cpu",
         processor = ZoeDepthImageProcessor.from_pretrained(folder, local_files_only=True)
     else:
         processor = ZoeDepthImageProcessor(ensure_multiple_of=32)
-    _cache.clear()
-    _cache[key] = ZoeDepth(model.to(device, dtype).eval(), processor, device, dtype)
-    return _cache[key]
+    device = torch.device(device)
+    model = adopt_ops(model, ops).to(device, dtype).eval().requires_grad_(False)
+    return ZoeDepth(model, processor, device, dtype)
