@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import content_guider, motion, preprocess, video_controlnet
+from . import _models, content_guider, motion, preprocess, video_controlnet
 
 TOPICS = (motion, video_controlnet, content_guider, preprocess)
 
 
 class DreaMovingExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        _models.register_routes()  # ComfyUI asks for the nodes once, before it adds the server's routes
         return [node for topic in TOPICS for node in topic.NODES]
 
 

@@ -27,6 +27,7 @@ from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.control.model import VideoControlNet
 
 from ._common import node_error, reports_errors
+from ._models import OPS, attention_backend
 from .motion import motion_file_names, motion_file_path, window_frame_indices
 
 CATEGORY = "DreaMoving/Control"
@@ -93,7 +94,8 @@ class VideoControl(comfy.controlnet.ControlNet):
         sampling = self.model_sampling_current
         x = sampling.calculate_input(t, x_noisy)
         residuals = self.control_model(x.to(dtype), hint, sampling.timestep(t).float(),
-                                       comfy.model_management.cast_to_device(context, device, dtype), num_frames)
+                                       comfy.model_management.cast_to_device(context, device, dtype), num_frames,
+                                       attention_backend(transformer_options))
         return self.control_merge({"input": [], "middle": [residuals.mid], "output": list(residuals.down)},
                                   control_prev, output_dtype=None)
 
@@ -118,12 +120,13 @@ def controlnet_file_path(name: str) -> str:
 
 
 def load_for_comfy(controlnet_name: str, motion_name: str | None) -> VideoControl:
-    """Load the files in the dtype ComfyUI would run a U-Net of this size in, wrapped for memory management."""
+    """Load the files with ComfyUI's casting layers in the dtype ComfyUI would run a U-Net in, wrapped for memory
+    management (``comfy.controlnet.ControlNet`` holds it in a ``ModelPatcher``)."""
     load_device = comfy.model_management.get_torch_device()
     dtype = comfy.model_management.unet_dtype(device=load_device)
     dtype = comfy.model_management.unet_manual_cast(dtype, load_device) or dtype
     model = load_video_controlnet(controlnet_file_path(controlnet_name),
-                                  motion_file_path(motion_name) if motion_name else None, dtype=dtype)
+                                  motion_file_path(motion_name) if motion_name else None, dtype=dtype, ops=OPS)
     return VideoControl(model, controlnet_name, load_device=load_device)
 
 
