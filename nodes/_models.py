@@ -160,11 +160,9 @@ def register_routes() -> None:
     from server import PromptServer
 
     server = getattr(PromptServer, "instance", None)
-    if server is None or getattr(server, "_dreamoving_routes", False):
+    if server is None or any(getattr(route, "path", None) == ROUTE for route in server.routes):
         return
 
     @server.routes.get(ROUTE)
     async def models(request):
         return web.json_response(model_report())
-
-    server._dreamoving_routes = True

@@ -289,7 +289,8 @@ class LoadInsightFace(io.ComfyNode):
                                    options=list_packs(folder_paths.get_folder_paths("insightface")) or ["antelopev2"],
                                    tooltip="Pack folder in models/insightface/models (antelopev2 or buffalo_l)."),
                     io.Combo.Input("provider", options=["auto", "CPU", "CUDA"], default="auto",
-                                   tooltip="auto: CUDA when onnxruntime offers it, else CPU.")],
+                                   tooltip="auto / CUDA: CUDA when onnxruntime offers it and it starts, else the CPU "
+                                           "(logged); CPU: always the CPU.")],
             outputs=[FaceAnalysisType.Output(display_name="insightface")],
         )
 
