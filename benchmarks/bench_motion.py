@@ -72,14 +72,15 @@ class Bench:
         self.unet = randomise(UNetModel(model_channels=channels, **SD15, dtype=torch.float32)).to(device, dtype)
         config = MotionModuleConfig(channels=tuple(channels * m for m in SD15["channel_mult"]))
         self.motion = randomise(MotionModule(config, ops=comfy.ops.manual_cast)).to(device, dtype)
-        loaded = glue.LoadedMotionModule("random", self.motion, None)
-        down, mid, up = glue.injection_sites(self.unet)
-        glue.check_fit(loaded, down, mid, up)
-        pairs = [(s, b) for levels, blocks in ((down, self.motion.down_blocks), (up, self.motion.up_blocks))
-                 for level, lb in zip(levels, blocks) for s, b in zip(level, lb)] + [(mid, self.motion.mid_block)]
+        sites = glue.injection_sites(self.unet)
+        glue.check_motion_fit(self.motion.layout, sites.layout, "random", "the benchmark U-Net")
+        pairs = [(f"{kind}.{s.index}", s, b) for kind, levels, blocks in (
+                    ("input_blocks", sites.down, self.motion.down_blocks),
+                    ("output_blocks", sites.up, self.motion.up_blocks))
+                 for level, lb in zip(levels, blocks) for s, b in zip(level, lb)]
+        pairs.append(("middle_block", sites.mid, self.motion.mid_block))
         self.swaps = []
-        for site, block in pairs:
-            path = site.path.removeprefix("diffusion_model.")
+        for path, site, block in pairs:
             original = comfy.utils.get_attr(self.unet, path)
             self.swaps.append((path, original, glue._with_slot(original, site.before, glue.MotionSlot(block, 1.0))))
         self.set_motion(False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import content_guider, eval, motion, preprocess, video_controlnet
+from . import _models, content_guider, eval, motion, preprocess, video_controlnet
 from ._common import guard
 
 TOPICS = (motion, video_controlnet, content_guider, preprocess, eval)
@@ -12,6 +12,7 @@ TOPICS = (motion, video_controlnet, content_guider, preprocess, eval)
 
 class DreaMovingExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        _models.register_routes()  # ComfyUI asks for the nodes once, before it adds the server's routes
         return [guard(node) for topic in TOPICS for node in topic.NODES]
 
 

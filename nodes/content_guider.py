@@ -3,25 +3,30 @@
 Face and Cloth compose into ONE ``attn2`` replace patch per cross-attention layer (:class:`GuiderAttention`): the
 second node finds the first's patch in the cloned model's options and returns an extended copy, so the text
 attention is computed once. ControlNets keep text-only context: ComfyUI runs them without ``transformer_options``.
+
+The guider's projections, the CLIP image tower and the InsightFace sessions are held by ComfyUI's memory management
+(``_models``): loaded when the Face / Cloth nodes compute the image keys and values, freed with everything else.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
+import comfy.model_management
+import comfy.model_patcher
 import numpy as np
 import torch
-from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
+from comfy.ldm.modules.attention import SpatialTransformer
 from comfy_api.latest import io
 
-from dreamoving_core.guider.clip_image import ClipImageEncoder
-from dreamoving_core.guider.model import (AttentionTerm, ContentGuider, ContentKV, ImageFeatures,
-                                            decoupled_cross_attention, load_content_guider)
-from dreamoving_core.guider.kernel import fused_decoupled_cross_attention
 from dreamoving_core.errors import InputMismatchError
+from dreamoving_core.guider.clip_image import ClipImageEncoder
 from dreamoving_core.guider.face_id import PACK_SUBFOLDER, FaceAnalyzer
+from dreamoving_core.guider.kernel import fused_decoupled_cross_attention
+from dreamoving_core.guider.model import (AttentionTerm, ContentGuider, ContentKV, ImageFeatures,
+                                          decoupled_cross_attention, load_content_guider)
 
 from ._common import ModelCombo, ModelFolder, custom_type
+from ._models import OPS, attention_backend, has_attention_override, load, managed, session_patcher, unet_weight_dtype
 
 CATEGORY = "DreaMoving/Content"
 GUIDER_FOLDER = ModelFolder(("dreamoving_content_guider", "ipadapter"), "Content Guider / IP-Adapter",
@@ -32,9 +37,6 @@ CLIP_FOLDER = ModelFolder(("clip_vision",), "CLIP vision model",
 INSIGHTFACE_FOLDER = ModelFolder(("insightface",), "InsightFace pack",
                                  "put the pack's folder of .onnx files (antelopev2 or buffalo_l) there",
                                  holds="*.onnx", subfolder=PACK_SUBFOLDER)
-ContentGuiderType = custom_type("DREAMOVING_CONTENT_GUIDER", ContentGuider)
-OpenClipVisionType = custom_type("DREAMOVING_OPEN_CLIP_VISION", ClipImageEncoder)
-FaceAnalysisType = custom_type("DREAMOVING_INSIGHTFACE", FaceAnalyzer)
 
 
 # ------------------------------------------------------------------------------------------------- the attn2 patch
@@ -56,7 +58,8 @@ class GuiderAttention:
 
     Immutable: :meth:`with_term` returns a new patch, so model clones never share mutable state (deep copies
     return the object itself for the same reason). ``inner`` is a replace patch another pack set before ours; it
-    then computes the text term.
+    then computes the text term. Attention is ComfyUI's; the fused Eq. 1 kernel (CUDA) runs only when neither
+    another patch nor an ``optimized_attention_override`` has a say.
     """
 
     def __init__(self, layer: int, terms: tuple[SlotTerm, ...] = (), inner=None):
@@ -76,12 +79,11 @@ class GuiderAttention:
         cond_or_uncond = extra_options.get("cond_or_uncond") or []
         terms = [AttentionTerm(t.alpha, *t.kv.for_batch(self.layer, cond_or_uncond, q.shape[0], q.device, q.dtype))
                  for t in active]
-        if self.inner is None and terms:  # one pass over Q on CUDA (None elsewhere)
-            fused = fused_decoupled_cross_attention(q, k, v, heads, terms)
+        if self.inner is None and terms and not has_attention_override(extra_options):
+            fused = fused_decoupled_cross_attention(q, k, v, heads, terms)  # one pass over Q (CUDA; else None)
             if fused is not None:
                 return fused
-        attention = partial(optimized_attention, attn_precision=extra_options.get("attn_precision"),
-                            transformer_options=extra_options)
+        attention = attention_backend(extra_options, extra_options.get("attn_precision"))
         text_out = self.inner(q, k, v, extra_options) if self.inner is not None else None
         return decoupled_cross_attention(q, k, v, heads, terms, attention=attention, text_out=text_out)
 
@@ -112,6 +114,52 @@ def cross_attention_sites(model) -> list[CrossAttentionSite]:
     return sites
 
 
+@dataclass
+class LoadedGuider:
+    """What a DREAMOVING_CONTENT_GUIDER wire carries: the guider and the patcher that memory-manages it."""
+
+    guider: ContentGuider
+    patcher: comfy.model_patcher.ModelPatcher
+
+
+@dataclass
+class LoadedClipVision:
+    """What a DREAMOVING_OPEN_CLIP_VISION wire carries: the image tower and its patcher."""
+
+    encoder: ClipImageEncoder
+    patcher: comfy.model_patcher.ModelPatcher
+
+
+@dataclass
+class LoadedInsightFace:
+    """What a DREAMOVING_INSIGHTFACE wire carries: the face analyzer and the patcher that closes its sessions."""
+
+    analyzer: FaceAnalyzer
+    patcher: comfy.model_patcher.ModelPatcher
+
+
+ContentGuiderType = custom_type("DREAMOVING_CONTENT_GUIDER", LoadedGuider)
+OpenClipVisionType = custom_type("DREAMOVING_OPEN_CLIP_VISION", LoadedClipVision)
+FaceAnalysisType = custom_type("DREAMOVING_INSIGHTFACE", LoadedInsightFace)
+
+
+def load_guider(path: str) -> LoadedGuider:
+    """A guider with ComfyUI's casting layers, in the dtype ComfyUI stores a diffusion model of its size in."""
+    guider = load_content_guider(path, ops=OPS)
+    load_device = comfy.model_management.get_torch_device()
+    guider.to(unet_weight_dtype(guider, load_device))
+    return LoadedGuider(guider, managed(guider, load_device))
+
+
+def load_clip_vision(path: str) -> LoadedClipVision:
+    """The OpenCLIP image tower on ComfyUI's text-encoder device and in its dtype, as ComfyUI's CLIP vision."""
+    encoder = ClipImageEncoder.from_file(path, ops=OPS)
+    load_device = comfy.model_management.text_encoder_device()
+    encoder.to(comfy.model_management.text_encoder_dtype(load_device))
+    return LoadedClipVision(encoder, managed(encoder, load_device,
+                                             comfy.model_management.text_encoder_offload_device()))
+
+
 def apply_guidance(model, slot: str, guider: ContentGuider, kv: ContentKV, alpha: float, start: float, end: float):
     """A clone of ``model`` whose cross-attention layers add ``alpha ·`` the ``slot`` term of Eq. 1."""
     sites = cross_attention_sites(model)
@@ -136,28 +184,40 @@ def apply_guidance(model, slot: str, guider: ContentGuider, kv: ContentKV, alpha
 
 
 def image_features(clip_vision, images: torch.Tensor) -> ImageFeatures:
-    """CLIP features of ``images`` ``(B, H, W, 3)`` from our OpenCLIP encoder or ComfyUI's core CLIP_VISION."""
-    if isinstance(clip_vision, ClipImageEncoder):
-        return clip_vision.encode(images)
+    """CLIP features of ``images`` ``(B, H, W, 3)`` from our OpenCLIP tower or ComfyUI's core CLIP_VISION, on the
+    CPU in float32."""
+    if isinstance(clip_vision, LoadedClipVision):
+        load(clip_vision.patcher)
+        out = clip_vision.encoder.encode(images, clip_vision.patcher.load_device, attention_backend())
+        return ImageFeatures(out.image_embeds.cpu(), out.penultimate_hidden_states.cpu())
     out = clip_vision.encode_image(images, crop=True)
     return ImageFeatures(out["image_embeds"].float().cpu(), out["penultimate_hidden_states"].float().cpu())
 
 
-def guidance_kv(guider: ContentGuider, slot: str, images: torch.Tensor, clip_vision, analyzer: FaceAnalyzer | None,
-                input_name: str) -> ContentKV:
-    """Keys/values of the ``slot`` source for the reference ``images`` and for a blank image (the uncond half)."""
+def _on(features: ImageFeatures, device: torch.device) -> ImageFeatures:
+    return ImageFeatures(*(None if x is None else x.to(device) for x in (
+        features.image_embeds, features.penultimate_hidden_states, features.arcface)))
+
+
+def guidance_kv(loaded: LoadedGuider, slot: str, images: torch.Tensor, clip_vision,
+                insightface: LoadedInsightFace | None, input_name: str) -> ContentKV:
+    """Keys/values of the ``slot`` source for the reference ``images`` and for a blank image (the uncond half),
+    computed on the guider's device and kept on the CPU (they move to the U-Net's device on first use)."""
+    guider = loaded.guider
     source = guider.source(slot)
     cfg = source.config
     if cfg.needs_arcface and slot != "face":
         raise InputMismatchError(f"'{guider.name}' is a FaceID adapter (needs an ArcFace identity); use it in "
                                  "Content Guider (Face)")
-    if cfg.needs_arcface and analyzer is None:
+    if cfg.needs_arcface and insightface is None:
         raise InputMismatchError(f"'{guider.name}' is a FaceID adapter and needs the face's ArcFace identity; "
                                  "connect Load InsightFace to the insightface input")
     arcface = None
     if cfg.needs_arcface:
+        load(insightface.patcher)
         count = images.shape[0]
-        faces = [analyzer.identity(images[i].cpu().numpy(), f"the {input_name} input (image {i + 1} of {count})")
+        faces = [insightface.analyzer.identity(images[i].cpu().numpy(),
+                                               f"the {input_name} input (image {i + 1} of {count})")
                  for i in range(count)]
         arcface = torch.from_numpy(np.stack([f.embedding for f in faces]))
         images = torch.from_numpy(np.stack([f.crop for f in faces]))  # FaceID-Plus shows CLIP the aligned face
@@ -166,7 +226,11 @@ def guidance_kv(guider: ContentGuider, slot: str, images: torch.Tensor, clip_vis
     blank = image_features(clip_vision, torch.zeros(1, 224, 224, 3)) if cfg.clip_input else ImageFeatures()
     blank = ImageFeatures(None if blank.image_embeds is None else torch.zeros_like(blank.image_embeds),
                           blank.penultimate_hidden_states, None if arcface is None else torch.zeros_like(arcface[:1]))
-    return source.keys_values(features, blank, f"the {input_name} input")
+    load(loaded.patcher)
+    device = loaded.patcher.load_device
+    kv = source.keys_values(_on(features, device), _on(blank, device), f"the {input_name} input",
+                            attention=attention_backend())
+    return ContentKV([k.cpu() for k in kv.keys], [v.cpu() for v in kv.values])
 
 
 # ---------------------------------------------------------------------------------------------------------- nodes
@@ -188,7 +252,7 @@ class LoadContentGuider(io.ComfyNode):
 
     @classmethod
     def execute(cls, guider_name) -> io.NodeOutput:
-        return io.NodeOutput(load_content_guider(GUIDER_FOLDER.path(guider_name, "guider_name")))
+        return io.NodeOutput(load_guider(GUIDER_FOLDER.path(guider_name, "guider_name")))
 
 
 class LoadOpenClipVision(io.ComfyNode):
@@ -198,7 +262,7 @@ class LoadOpenClipVision(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="DreaMovingLoadOpenClipVision", display_name=cls.DISPLAY, category=CATEGORY,
-            description="Loads the OpenCLIP ViT-H/14 image tower with open_clip_torch (OpenCLIP or transformers "
+            description="Loads the OpenCLIP ViT-H/14 image tower (weights in the OpenCLIP or transformers "
                         "layout). ComfyUI's Load CLIP Vision works as well.",
             inputs=[ModelCombo("clip_name", CLIP_FOLDER,
                                tooltip="CLIP-ViT-H-14-laion2B-s32B-b79K weights in models/clip_vision.")],
@@ -207,7 +271,7 @@ class LoadOpenClipVision(io.ComfyNode):
 
     @classmethod
     def execute(cls, clip_name) -> io.NodeOutput:
-        return io.NodeOutput(ClipImageEncoder.from_file(CLIP_FOLDER.path(clip_name, "clip_name")))
+        return io.NodeOutput(load_clip_vision(CLIP_FOLDER.path(clip_name, "clip_name")))
 
 
 class LoadInsightFace(io.ComfyNode):
@@ -221,13 +285,15 @@ class LoadInsightFace(io.ComfyNode):
             inputs=[ModelCombo("pack", INSIGHTFACE_FOLDER, default="antelopev2",
                                tooltip="Pack folder in models/insightface/models (antelopev2 or buffalo_l)."),
                     io.Combo.Input("provider", options=["auto", "CPU", "CUDA"], default="auto",
-                                   tooltip="auto: CUDA when onnxruntime offers it, else CPU.")],
+                                   tooltip="auto / CUDA: CUDA when onnxruntime offers it and it starts, else the CPU "
+                                           "(logged); CPU: always the CPU.")],
             outputs=[FaceAnalysisType.Output(display_name="insightface")],
         )
 
     @classmethod
     def execute(cls, pack, provider) -> io.NodeOutput:
-        return io.NodeOutput(FaceAnalyzer(INSIGHTFACE_FOLDER.path(pack, "pack"), provider))
+        analyzer = FaceAnalyzer(INSIGHTFACE_FOLDER.path(pack, "pack"), provider)
+        return io.NodeOutput(LoadedInsightFace(analyzer, session_patcher(analyzer)))
 
 
 def _guide_inputs(slot: str, image_tip: str) -> list:
@@ -246,9 +312,10 @@ def _guide_inputs(slot: str, image_tip: str) -> list:
     ]
 
 
-def _guide(slot: str, model, guider, images, clip_vision, analyzer, alpha, start, end) -> io.NodeOutput:
-    kv = guidance_kv(guider, slot, images, clip_vision, analyzer, f"{slot}_image")
-    return io.NodeOutput(apply_guidance(model, slot, guider, kv, alpha, start, end))
+def _guide(slot: str, model, guider: LoadedGuider, images, clip_vision, insightface, alpha, start,
+           end) -> io.NodeOutput:
+    kv = guidance_kv(guider, slot, images, clip_vision, insightface, f"{slot}_image")
+    return io.NodeOutput(apply_guidance(model, slot, guider.guider, kv, alpha, start, end))
 
 
 class ContentGuiderFace(io.ComfyNode):

@@ -19,6 +19,7 @@ from comfy_api.latest import io, ui
 from dreamoving_core.eval import EvalModels, plot_reports, score_video
 from dreamoving_core.preprocess.dwpose import DETECTOR_FILE, ESTIMATOR_FILE, DWPose
 
+from ._models import load, session_patcher
 from .content_guider import FaceAnalysisType, OpenClipVisionType, image_features
 from .preprocess import DWPOSE_FOLDER, PoseKeypoint
 
@@ -49,22 +50,27 @@ NUMBER_TIPS = {
 
 
 def _models(insightface, clip_vision, detector: str, estimator: str, need_pose: bool,
-            detect_resolution: int) -> EvalModels:
-    """The EvalModels of one run; the only place this node looks up model files."""
-    dwpose = None
+            detect_resolution: int) -> tuple[EvalModels, list]:
+    """The EvalModels of one run and the patchers that hold their onnxruntime sessions in ComfyUI's memory
+    management while it runs; the only place this node looks up model files."""
+    dwpose, patchers = None, []
     if need_pose:
         dwpose = DWPose(DWPOSE_FOLDER.path(detector, "detector"), DWPOSE_FOLDER.path(estimator, "estimator"))
+        patchers.append(session_patcher(dwpose))
+    if insightface is not None:
+        patchers.append(insightface.patcher)
 
     def embed(images: torch.Tensor) -> torch.Tensor:
         return image_features(clip_vision, images).image_embeds
 
-    models = EvalModels(faces=insightface, clip=embed if clip_vision is not None else None, dwpose=dwpose,
+    models = EvalModels(faces=None if insightface is None else insightface.analyzer,
+                        clip=embed if clip_vision is not None else None, dwpose=dwpose,
                         device=comfy.model_management.get_torch_device(), detect_resolution=detect_resolution,
                         feature_dirs=tuple(Path(p) for p in folder_paths.get_folder_paths(EVAL_FOLDER)))
     models.needs.update(faces="an InsightFace pack: connect Load InsightFace to the insightface input",
                         clip="a CLIP vision model: connect Load CLIP Vision or Load CLIP Vision (OpenCLIP) to the "
                              "clip_vision input")
-    return models
+    return models, patchers
 
 
 def _dwpose_options(default: str) -> list[str]:
@@ -137,7 +143,9 @@ class ScoreVideo(io.ComfyNode):
     def execute(cls, frames: torch.Tensor, detector: str, estimator: str, detect_resolution: int,
                 driving=None, face: torch.Tensor | None = None, truth: torch.Tensor | None = None,
                 insightface=None, clip_vision=None) -> io.NodeOutput:
-        models = _models(insightface, clip_vision, detector, estimator, driving is not None, detect_resolution)
+        models, patchers = _models(insightface, clip_vision, detector, estimator, driving is not None,
+                                   detect_resolution)
+        load(*patchers)
         report = score_video(frames, driving=driving, face=face, truth=truth, models=models, progress=_progress())
         picture = torch.from_numpy(plot_reports([("video", report)]).copy()).float()[None] / 255.0
         numbers = [report.scores.get(score, math.nan) for score in NUMBERS.values()]

@@ -1,10 +1,16 @@
 """Motion nodes: load a motion module, inject its motion blocks into a MODEL, context windows for long videos.
 
-Injection is data on a ``model.clone()``: every U-Net block that gets a motion block is replaced (object patch) by a
-copy of its ``TimestepEmbedSequential`` holding the original layers plus a parameter-free ``MotionSlot``; the slot
-runs through ComfyUI's ``forward_timestep_embed_patch`` hook. The motion weights live in their own ``ModelPatcher``,
-registered as an additional model, so ComfyUI's memory management loads and offloads them with the U-Net. The
-patcher restores the original blocks when another model is loaded, after a prompt ends, fails or is interrupted.
+Injection is data on a ``model.clone()``: every U-Net block that gets a motion block (where ``unet.topology``
+places them) is replaced (object patch) by a copy of its ``TimestepEmbedSequential`` holding the original layers plus
+a parameter-free ``MotionSlot``; the slot runs through ComfyUI's ``forward_timestep_embed_patch`` hook, with ComfyUI's
+attention. The motion weights live in their own ``ModelPatcher``, registered as an additional model, so ComfyUI's
+memory management loads and offloads them with the U-Net. The patcher restores the original blocks when another
+model is loaded, after a prompt ends, fails or is interrupted.
+
+AnimateDiff v1 modules were trained in a U-Net whose ResBlock and output group norms take their statistics over all
+frames of a video: for them, each of those norms is object-patched into a sequence that folds the batch into videos
+around the very same norm layer (same weights, same keys) and unfolds it after, the number of videos coming from
+the U-Net call (a ``DIFFUSION_MODEL`` wrapper reads ``cond_or_uncond``). v2, v3 and ours keep per-frame norms.
 
 Long videos use ComfyUI's own context windows (``comfy.context_windows.IndexListContextHandler``, with the fixes
 of ``_comfy.py`` where the host needs them): each U-Net call then holds one window of frames, and
@@ -19,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from einops import rearrange
 
 import comfy.context_windows
 import comfy.model_management
 import comfy.model_patcher
-import comfy.ops
 import comfy.patcher_extension
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, TimestepEmbedSequential,
@@ -31,11 +37,13 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock
 from comfy_api.latest import io
 
 from dreamoving_core.errors import InputMismatchError
-from dreamoving_core.motion.model import DEFAULT_POSITIONAL_LENGTH, PE_EXTENSIONS, MotionBlock, MotionModule
 from dreamoving_core.motion.format import load_motion_module
+from dreamoving_core.motion.model import DEFAULT_POSITIONAL_LENGTH, PE_EXTENSIONS, MotionBlock, MotionModule
+from dreamoving_core.unet.topology import Block, MotionSites, check_motion_fit, motion_sites
 
 from ._comfy import context_handler_class, frame_windows
 from ._common import ModelCombo, ModelFolder, custom_type, node_error
+from ._models import OPS, attention_backend, managed, unet_weight_dtype
 
 CATEGORY = "DreaMoving/Motion"
 LOAD_NAME = "Load Motion Module"
@@ -46,6 +54,7 @@ MOTION_FOLDER = ModelFolder(("dreamoving_motion", "animatediff_models"), "motion
                             "DreaMoving motion module there")
 ADDITIONAL_MODELS_KEY = "dreamoving_motion"
 WRAPPER_KEY = "dreamoving_motion_frames"
+VIDEO_NORMS_KEY = "dreamoving_video_norms"
 
 
 @dataclass
@@ -84,24 +93,25 @@ ContextOptionsIO = custom_type("DREAMOVING_CONTEXT_OPTIONS", ContextOptions)
 
 def load_for_comfy(name: str, positional_length: int, pe_extension: str) -> LoadedMotionModule:
     """Load a motion module with ComfyUI's casting layers (weights follow the input's device and dtype) in the
-    U-Net's storage dtype, wrapped in a ``ModelPatcher`` so ComfyUI moves it between devices."""
+    dtype ComfyUI stores a U-Net of its size in, wrapped in a ``ModelPatcher`` so ComfyUI moves it between devices."""
     module = load_motion_module(MOTION_FOLDER.path(name, "model_name"), positional_length=positional_length,
-                                pe_extension=pe_extension, ops=comfy.ops.manual_cast)
-    params = sum(p.numel() for p in module.parameters())
-    dtype = comfy.model_management.unet_dtype(model_params=params,
-                                              supported_dtypes=[torch.float16, torch.bfloat16, torch.float32])
-    module.to(dtype)
-    patcher = comfy.model_patcher.ModelPatcher(module, load_device=comfy.model_management.get_torch_device(),
-                                               offload_device=comfy.model_management.unet_offload_device())
-    return LoadedMotionModule(name, module, patcher)
+                                pe_extension=pe_extension, ops=OPS)
+    load_device = comfy.model_management.get_torch_device()
+    module.to(unet_weight_dtype(module, load_device))
+    return LoadedMotionModule(name, module, managed(module, load_device))
+
+
+def videos_in(transformer_options: dict) -> int:
+    """Videos in one U-Net call: ComfyUI batches the cond and uncond videos named in ``cond_or_uncond``."""
+    return len(transformer_options.get("cond_or_uncond") or [0])
 
 
 class MotionSlot(torch.nn.Module):
     """Runs one motion block inside a U-Net block: ``(B·F, C, H, W) -> (B·F, C, H, W)``.
 
     Holds no parameters: the block belongs to the motion module's patcher, so the U-Net's own state dict, size and
-    weight patches (LoRAs) are unchanged. ComfyUI batches cond and uncond videos, so the frame count is the batch
-    divided by the number of videos in ``transformer_options["cond_or_uncond"]``.
+    weight patches (LoRAs) are unchanged. The frame count is the batch divided by the videos in the call; attention
+    is ComfyUI's, with the model's ``optimized_attention_override`` if it has one.
     """
 
     def __init__(self, block: MotionBlock, scale: float):
@@ -110,8 +120,8 @@ class MotionSlot(torch.nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor, transformer_options: dict) -> torch.Tensor:
-        videos = len(transformer_options.get("cond_or_uncond") or [0])
-        return self.block(x, x.shape[0] // videos, self.scale)
+        return self.block(x, x.shape[0] // videos_in(transformer_options), self.scale,
+                          attention_backend(transformer_options))
 
 
 def run_motion_slot(layer, x, emb, context, transformer_options, *more: Any, **named: Any):
@@ -130,73 +140,23 @@ def _kind(layer) -> str:
         return "down"
     if isinstance(layer, Upsample):
         return "up"
-    if isinstance(layer, MotionSlot):
-        return "motion"
     return "other"
 
 
-def _width(block: TimestepEmbedSequential) -> int:
-    return next(layer.out_channels for layer in block if isinstance(layer, ResBlock))
+def describe_block(block: TimestepEmbedSequential) -> Block:
+    """A ComfyUI U-Net block's layer kinds (motion slots of an earlier application left out) and width."""
+    layers = [layer for layer in block if not isinstance(layer, MotionSlot)]
+    width = next((layer.out_channels for layer in layers if isinstance(layer, ResBlock)), None)
+    return Block(tuple(_kind(layer) for layer in layers), width)
 
 
-@dataclass(frozen=True)
-class Site:
-    """Where a motion block goes: U-Net block ``path``, before the layer at position ``before`` (None: at the end)."""
-
-    path: str
-    before: int | None
-    width: int
-
-
-def injection_sites(unet) -> tuple[list[list[Site]], Site | None, list[list[Site]]]:
-    """Motion sites of a ComfyUI ``UNetModel`` as AnimateDiff places them: after each res(+attention) layer of each
-    down level and up level (before an Upsample), and after the middle block's attention. Returns
-    ``(down[level], mid, up[level])`` with ``up[0]`` the innermost level."""
-    down: list[list[Site]] = [[]]
-    for i, block in enumerate(unet.input_blocks):
-        kinds = [_kind(layer) for layer in block]
-        if "down" in kinds:
-            down.append([])
-        elif "res" in kinds:
-            down[-1].append(Site(f"diffusion_model.input_blocks.{i}", None, _width(block)))
-    mid = None
+def injection_sites(unet) -> MotionSites:
+    """Motion sites of a ComfyUI ``UNetModel`` (``unet.topology``): ``down[level]``, ``mid``, ``up[level]`` with
+    ``up[0]`` the innermost level; site indices are block indices of ``input_blocks`` / ``output_blocks``."""
     middle = getattr(unet, "middle_block", None)
-    if middle is not None and len(middle) > 0:
-        kinds = [_kind(layer) for layer in middle if _kind(layer) != "motion"]
-        anchor = max((j for j, k in enumerate(kinds) if k == "attn"), default=kinds.index("res"))
-        mid = Site("diffusion_model.middle_block", anchor + 1, _width(middle))
-    up: list[list[Site]] = [[]]
-    for i, block in enumerate(unet.output_blocks):
-        kinds = [_kind(layer) for layer in block if _kind(layer) != "motion"]
-        up[-1].append(Site(f"diffusion_model.output_blocks.{i}", kinds.index("up") if "up" in kinds else None,
-                           _width(block)))
-        if "up" in kinds:
-            up.append([])
-    return down, mid, up
-
-
-def _describe(levels: list[list[int]]) -> str:
-    return f"{len(levels)} levels of widths {'/'.join(str(lv[0]) if lv else '?' for lv in levels)} with " \
-           f"{'/'.join(str(len(lv)) for lv in levels)} layers"
-
-
-def check_fit(motion: LoadedMotionModule, down, mid, up) -> None:
-    """Raise ``InputMismatchError`` unless the motion module's levels, layers and widths match the U-Net's sites."""
-    config = motion.module.config
-    want_down = [[c] * config.down_layers for c in config.channels]
-    want_up = [[c] * config.up_layers for c in reversed(config.channels)]
-    have_down = [[s.width for s in level] for level in down]
-    have_up = [[s.width for s in level] for level in up]
-    if want_down != have_down or want_up != have_up:
-        raise InputMismatchError(
-            f"motion module '{motion.name}' is made for a U-Net with {_describe(want_down)} per down level, but this "
-            f"MODEL's U-Net has {_describe(have_down)}; use a motion module made for this model (SD1.5: "
-            "mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt or a DreaMoving motion module)")
-    if config.mid_block and mid is None:
-        raise InputMismatchError(f"motion module '{motion.name}' has a middle block but this MODEL's U-Net has none")
-    if config.mid_block and mid.width != config.mid_channels:
-        raise InputMismatchError(f"motion module '{motion.name}' has a middle block of width {config.mid_channels}, "
-                                 f"this MODEL's middle block is {mid.width} wide")
+    return motion_sites([describe_block(b) for b in unet.input_blocks],
+                        describe_block(middle) if middle is not None and len(middle) > 0 else None,
+                        [describe_block(b) for b in unet.output_blocks])
 
 
 def _with_slot(block: TimestepEmbedSequential, before: int | None = None,
@@ -215,13 +175,81 @@ def _has_slot(obj) -> bool:
     return isinstance(obj, TimestepEmbedSequential) and any(isinstance(layer, MotionSlot) for layer in obj)
 
 
+class VideoCount:
+    """``DIFFUSION_MODEL`` wrapper: the number of videos in the current U-Net call, for ``FoldVideos`` (one object
+    shared by the wrapper and the patched norms; model clones share their wrappers' objects)."""
+
+    def __init__(self):
+        self.videos: int | None = None
+
+    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
+        self.videos = videos_in(transformer_options)
+        try:
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        finally:
+            self.videos = None
+
+
+class FoldVideos(torch.nn.Module):
+    """``(B·F, C, H, W) -> (B, C, F, H, W)``: the group norm after it takes each video's statistics over all its
+    frames (AnimateDiff v1's U-Net); ``B`` is the current call's video count."""
+
+    def __init__(self, count: VideoCount):
+        super().__init__()
+        self.count = count
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.count.videos is None:
+            raise RuntimeError("a U-Net group norm patched for AnimateDiff v1 ran outside a U-Net call")
+        return rearrange(x, "(b f) c h w -> b c f h w", b=self.count.videos)
+
+
+class UnfoldVideos(torch.nn.Module):
+    """``(B, C, F, H, W) -> (B·F, C, H, W)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x, "b c f h w -> (b f) c h w")
+
+
+def _video_norm(layers: torch.nn.Sequential, count: VideoCount | None = None) -> torch.nn.Sequential:
+    """A new sequence with the layers of ``layers`` (a group norm first) under the same names, so the norm's weights
+    keep their keys: with ``count``, folded into videos around the norm; without, as it was."""
+    children = [(n, layer) for n, layer in layers.named_children() if not isinstance(layer, (FoldVideos, UnfoldVideos))]
+    if count is not None:
+        children = [("fold", FoldVideos(count)), children[0], ("unfold", UnfoldVideos()), *children[1:]]
+    patched = torch.nn.Sequential(OrderedDict(children))
+    patched.train(layers.training)
+    return patched
+
+
+def _is_folded(obj) -> bool:
+    return isinstance(obj, torch.nn.Sequential) and any(isinstance(layer, FoldVideos) for layer in obj)
+
+
+def video_norm_paths(model: comfy.model_patcher.ModelPatcher) -> list[str]:
+    """The U-Net's group-norm sequences AnimateDiff v1 normalises over frames: ``in_layers`` and ``out_layers`` of
+    every ResBlock (input, middle and output blocks) and the output ``out``."""
+    unet = model.get_model_object("diffusion_model")
+    blocks = [(f"input_blocks.{i}", b) for i, b in enumerate(unet.input_blocks)]
+    blocks += [("middle_block", unet.middle_block)] + [(f"output_blocks.{i}", b)
+                                                        for i, b in enumerate(unet.output_blocks)]
+    paths = [f"diffusion_model.{block}.{name}.{part}" for block, layers in blocks
+             for name, layer in layers.named_children()
+             if isinstance(layer, ResBlock) and not layer.use_scale_shift_norm for part in ("in_layers", "out_layers")]
+    return paths + ["diffusion_model.out"]
+
+
 def _eject(model: comfy.model_patcher.ModelPatcher) -> None:
-    """Remove the motion blocks of an earlier Apply Motion Module from ``model`` (a clone), keeping other patches."""
+    """Remove the motion blocks and video norms of an earlier Apply Motion Module from ``model`` (a clone), keeping
+    other patches."""
     for path, obj in list(model.object_patches.items()):
         if _has_slot(obj):
             model.add_object_patch(path, _with_slot(obj))
+        elif _is_folded(obj):
+            model.add_object_patch(path, _video_norm(obj))
     model.remove_additional_models(ADDITIONAL_MODELS_KEY)
     model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY)
+    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, VIDEO_NORMS_KEY)
 
 
 def frames_problem(motion: str, positions: int, handler: comfy.context_windows.IndexListContextHandler | None,
@@ -284,20 +312,27 @@ def apply_motion(model, motion: LoadedMotionModule, scale: float, context: Conte
     problem = frames_problem(motion.name, positions, patched.model_options.get("context_handler"))
     if problem:
         raise InputMismatchError(problem)
-    unet = patched.get_model_object("diffusion_model")
-    down, mid, up = injection_sites(unet)
-    check_fit(motion, down, mid, up)
+    sites = injection_sites(patched.get_model_object("diffusion_model"))
     module = motion.module
-    sites = [(site, block) for levels, blocks in ((down, module.down_blocks), (up, module.up_blocks))
-             for level, level_blocks in zip(levels, blocks) for site, block in zip(level, level_blocks)]
+    check_motion_fit(module.layout, sites.layout, motion.name, "this MODEL's U-Net")
+    placed = [(f"input_blocks.{site.index}", site, block) for level, blocks in zip(sites.down, module.down_blocks)
+              for site, block in zip(level, blocks)]
+    placed += [(f"output_blocks.{site.index}", site, block) for level, blocks in zip(sites.up, module.up_blocks)
+               for site, block in zip(level, blocks)]
     if module.mid_block is not None:
-        sites.append((mid, module.mid_block))
-    for site, block in sites:
-        original = patched.get_model_object(site.path)
-        patched.add_object_patch(site.path, _with_slot(original, site.before, MotionSlot(block, scale)))
+        placed.append(("middle_block", sites.mid, module.mid_block))
+    for block_path, site, block in placed:
+        path = f"diffusion_model.{block_path}"
+        patched.add_object_patch(path, _with_slot(patched.get_model_object(path), site.before,
+                                                  MotionSlot(block, scale)))
     patches = patched.model_options["transformer_options"].get("patches", {})
     if (MotionSlot, run_motion_slot) not in patches.get("forward_timestep_embed_patch", []):
         patched.set_model_forward_timestep_embed_patch((MotionSlot, run_motion_slot))
+    if module.config.unet_norms_span_frames:
+        count = VideoCount()
+        for path in video_norm_paths(patched):
+            patched.add_object_patch(path, _video_norm(patched.get_model_object(path), count))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, VIDEO_NORMS_KEY, count)
     patched.set_additional_models(ADDITIONAL_MODELS_KEY, [motion.patcher.clone()])
     node = APPLY_NAME if node_id is None else f"{APPLY_NAME} (node {node_id})"
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, WRAPPER_KEY,

@@ -4,6 +4,10 @@ Model files live in ``models/dreamoving/preprocess`` (folder name ``dreamoving_p
 ``dw-ll_ucoco_384.onnx`` from huggingface.co/yzd-v/DWPose, and a ZoeDepth folder in the Intel/zoedepth-nyu-kitti
 layout. DWPose files comfyui_controlnet_aux already downloaded (``custom_nodes/comfyui_controlnet_aux/ckpts/yzd-v/
 DWPose``) are found too. ``POSE_KEYPOINT`` is comfyui_controlnet_aux's type, so its pose nodes connect.
+
+Both models load when their node runs and are gone when it returns (as comfyui_controlnet_aux does), held by
+ComfyUI's memory management meanwhile (``_models``): ZoeDepth with ComfyUI's casting layers and dtype, the DWPose
+sessions through a patcher whose release closes them.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dreamoving_core.preprocess.smoothing import smooth_poses
 from dreamoving_core.preprocess.zoedepth import depth_to_hint, load_zoedepth
 
 from ._common import ModelCombo, ModelFolder, custom_type
+from ._models import OPS, LibraryModel, load, managed, parameter_count, session_patcher
 
 CATEGORY = "DreaMoving/Preprocess"
 DWPOSE_NAME = "DWPose Estimator"
@@ -109,6 +114,8 @@ class DWPoseEstimator(io.ComfyNode):
                 draw_face: bool, detect_resolution: int, temporal_smoothing: bool, fps: float,
                 reference_image: torch.Tensor | None = None) -> io.NodeOutput:
         model = DWPose(DWPOSE_FOLDER.path(detector, "detector"), DWPOSE_FOLDER.path(estimator, "estimator"))
+        sessions = session_patcher(model)  # held while the node runs: ComfyUI only keeps a weak reference
+        load(sessions)
         poses = model.video(images, detect_resolution, progress=_progress(len(images)))
         if temporal_smoothing and len(poses) > 1:
             poses = smooth_poses(poses, fps)
@@ -178,11 +185,21 @@ class ZoeDepthEstimator(io.ComfyNode):
     @classmethod
     def execute(cls, images: torch.Tensor, model: str, per_frame_normalization: bool,
                 batch_size: int) -> io.NodeOutput:
-        device = comfy.model_management.get_torch_device()
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        zoe = load_zoedepth(ZOEDEPTH_FOLDER.path(model, "model"), device, dtype)
-        depth = zoe.depth(images, batch_size, progress=_progress(len(images)))
-        return io.NodeOutput(depth_to_hint(depth, per_frame_normalization))
+        return io.NodeOutput(depth_to_hint(run_zoedepth(ZOEDEPTH_FOLDER.path(model, "model"), images, batch_size),
+                                           per_frame_normalization))
+
+
+def run_zoedepth(folder: str, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """ZoeDepth depth ``(F, H, W)`` of ``images``, the model loaded by ComfyUI's memory management: fp16 where
+    ComfyUI would use it on this device (not with ``--force-fp32``), else fp32."""
+    device = comfy.model_management.get_torch_device()
+    zoe = load_zoedepth(folder, comfy.model_management.unet_offload_device(), ops=OPS)
+    dtype = torch.float16 if comfy.model_management.should_use_fp16(device, parameter_count(zoe.model)) else torch.float32
+    zoe.model.to(dtype)
+    patcher = managed(LibraryModel(zoe.model), device)  # held while it runs: ComfyUI keeps a weak reference
+    load(patcher)
+    zoe.device, zoe.dtype = device, dtype
+    return zoe.depth(images, batch_size, progress=_progress(len(images)))
 
 
 NODES: list[type[io.ComfyNode]] = [DWPoseEstimator, RenderPose, ZoeDepthEstimator]

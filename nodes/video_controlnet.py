@@ -27,6 +27,7 @@ from dreamoving_core.control.model import VideoControlNet
 
 from ._comfy import WindowedControlNet
 from ._common import ModelCombo, ModelFolder, custom_type, node_error
+from ._models import OPS, attention_backend
 from .motion import MOTION_FOLDER
 
 CATEGORY = "DreaMoving/Control"
@@ -51,8 +52,8 @@ class ComfyControlModel(torch.nn.Module):
         return self.net.dtype
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                num_frames: int) -> dict[str, list[torch.Tensor]]:
-        residuals = self.net(x, hint, timesteps, context, num_frames)
+                num_frames: int, attention=None) -> dict[str, list[torch.Tensor]]:
+        residuals = self.net(x, hint, timesteps, context, num_frames, attention or attention_backend())
         return {"input": [], "middle": [residuals.mid], "output": list(residuals.down)}
 
 
@@ -74,6 +75,12 @@ class VideoControl(WindowedControlNet):
         c.node = self.node
         self.copy_to(c)
         return c
+
+    def get_control(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: dict, batched_number: int,
+                    transformer_options: dict):
+        # ComfyUI calls control models without transformer_options: their attention override comes as an argument
+        self.set_extra_arg("attention", attention_backend(transformer_options))
+        return super().get_control(x_noisy, t, cond, batched_number, transformer_options)
 
     @property
     def positions(self) -> int | None:
@@ -104,13 +111,14 @@ def hint_count_message(count: int, frames: int | None, needed: int) -> str:
 
 
 def load_for_comfy(controlnet_name: str, motion_name: str | None) -> VideoControl:
-    """Load the files in the dtype ComfyUI would run a U-Net of this size in, wrapped for memory management."""
+    """Load the files with ComfyUI's casting layers in the dtype ComfyUI would run a U-Net in, wrapped for memory
+    management (``comfy.controlnet.ControlNet`` holds it in a ``ModelPatcher``)."""
     load_device = comfy.model_management.get_torch_device()
     dtype = comfy.model_management.unet_dtype(device=load_device)
     dtype = comfy.model_management.unet_manual_cast(dtype, load_device) or dtype
     model = load_video_controlnet(CONTROLNET_FOLDER.path(controlnet_name, "controlnet_name"),
                                   MOTION_FOLDER.path(motion_name, "motion_module") if motion_name else None,
-                                  dtype=dtype)
+                                  dtype=dtype, ops=OPS)
     return VideoControl(model, controlnet_name, load_device=load_device)
 
 

@@ -15,7 +15,7 @@ from dreamoving_core.guider.model import (AttentionTerm, ContentKV, ImageFeature
                                             load_content_guider, sdpa_attention)
 from dreamoving_core.guider.format import guider_state_dict, parse_guider_state_dict
 from dreamoving_core.errors import InputMismatchError, ModelFormatError
-from dreamoving_core.guider.face_id import FaceAnalyzer, find_pack, select_providers, similarity_transform
+from dreamoving_core.guider.face_id import FaceAnalyzer, find_pack, similarity_transform
 from dreamoving_core.io import load_state_dict, save_state_dict
 
 
@@ -199,6 +199,25 @@ def test_openclip_encoder_matches_comfyui_clip_vision_on_the_same_file(encoder, 
                           rtol=1e-3)
 
 
+def test_our_tower_equals_openclips_vision_transformer_on_the_same_weights(encoder):
+    open_clip = pytest.importorskip("open_clip")
+    cfg = encoder.config
+    visual = open_clip.transformer.VisionTransformer(
+        image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width, layers=cfg.layers, heads=cfg.heads,
+        mlp_ratio=cfg.mlp_ratio, output_dim=cfg.embed_dim).eval()
+    weights, _ = vision_state_dict(load_state_dict(tiny.clip_vision_file()), "x")
+    visual.load_state_dict({k: v.float() for k, v in weights.items()})
+    images = torch.rand(2, 96, 64, 3, generator=torch.Generator().manual_seed(1))
+    captured = {}
+    hook = visual.transformer.resblocks[-1].register_forward_pre_hook(lambda m, args: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        embeds = visual(preprocess(images, cfg.image_size))
+    hook.remove()
+    ours = encoder.encode(images)
+    torch.testing.assert_close(ours.image_embeds, embeds, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.penultimate_hidden_states, captured["x"], atol=2e-5, rtol=1e-5)
+
+
 def test_openclip_layout_and_transformers_layout_are_the_same_tower():
     sd = load_state_dict(tiny.clip_vision_file())
     visual, cfg = vision_state_dict(sd, "x")
@@ -232,25 +251,21 @@ def test_no_face_is_a_clear_error_naming_the_image(analyzer):
         analyzer.identity(tiny.face_image(face=False)[0].numpy(), "the face_image input (image 2 of 2)")
 
 
-def test_cpu_provider_is_used_without_cuda_and_logged_once(monkeypatch, caplog):
+def test_analyzer_logs_its_providers_once_and_release_closes_the_sessions(monkeypatch, caplog):
     import onnxruntime
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    assert select_providers("auto") == ["CPUExecutionProvider"]
-    with pytest.raises(InputMismatchError, match="CUDA provider was requested"):
-        select_providers("cuda")
-    with caplog.at_level(logging.INFO, logger="dreamoving_core.guider.face_id"):
-        FaceAnalyzer(find_pack([tiny.insightface_root()], "buffalo_l"), provider="auto")
-    lines = [r.getMessage() for r in caplog.records if r.name == "dreamoving_core.guider.face_id"]
-    assert len(lines) == 1 and "CPUExecutionProvider" in lines[0]
-
-
-def test_cuda_provider_is_preferred_when_onnxruntime_offers_it(monkeypatch):
-    import onnxruntime
-
-    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert select_providers("auto") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert select_providers("cpu") == ["CPUExecutionProvider"]
+    with caplog.at_level(logging.INFO, logger="dreamoving_core.onnx_sessions"):
+        analyzer = FaceAnalyzer(find_pack([tiny.insightface_root()], "buffalo_l"), provider="CUDA")
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert lines == ["DreaMoving face ID ('buffalo_l'): onnxruntime runs det_10g.onnx on CPUExecutionProvider, "
+                     "w600k_r50.onnx on CPUExecutionProvider"]
+    assert any("CUDA was requested" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert all(m.is_open for m in analyzer.models)
+    analyzer.release()
+    assert not any(m.is_open for m in analyzer.models)
+    identity = analyzer.identity(tiny.face_image()[0].numpy(), "the face image")  # reopens on use
+    assert identity.embedding.shape == (512,) and all(m.is_open for m in analyzer.models)
 
 
 def test_pack_without_a_detector_is_refused(tmp_path):

@@ -6,11 +6,41 @@ import torch
 
 from devtools.client import ExecutionFailed
 from devtools.tiny import content_guider as tiny
+from devtools.tiny import pack_nodes
 from tests.graphs import base_graph, run_latent
 
 RED, GREY, BLUE = 0xFF0000, 0x808080, 0x3366CC
 NODE_IDS = ["DreaMovingLoadContentGuider", "DreaMovingLoadOpenClipVision", "DreaMovingLoadInsightFace",
             "DreaMovingContentGuiderFace", "DreaMovingContentGuiderCloth"]
+
+
+def test_fused_kernel_steps_aside_for_an_attention_override_which_then_computes_eq1(monkeypatch):
+    from dreamoving_core.guider.model import ContentKV
+
+    glue = pack_nodes("content_guider")
+    fused_calls, override_calls = [], []
+
+    def fused(q, k, v, heads, terms):  # stands in for the CUDA kernel: answers when asked
+        fused_calls.append(len(terms))
+        return torch.full_like(q, 7.0)
+
+    def override(func, *args, **kwargs):
+        override_calls.append(func)
+        return func(*args, **kwargs)
+
+    monkeypatch.setattr(glue, "fused_decoupled_cross_attention", fused)
+    g = torch.Generator().manual_seed(0)
+    kv = ContentKV([torch.randn(2, 4, 64, generator=g)], [torch.randn(2, 4, 64, generator=g)])
+    patch = glue.GuiderAttention(0).with_term(glue.SlotTerm("face", 0.8, 100.0, 0.0, kv))
+    q, k, v = (torch.randn(2, 16, 64, generator=g) for _ in range(3))
+    options = {"n_heads": 4, "cond_or_uncond": [0, 1]}
+    assert (patch(q, k, v, options) == 7.0).all() and fused_calls == [1]
+    out = patch(q, k, v, dict(options, optimized_attention_override=override))
+    assert fused_calls == [1], "the fused kernel must not run when the model has an attention override"
+    assert len(override_calls) == 2  # text term and face term
+    face_k, face_v = kv.for_batch(0, [0, 1], 2, q.device, q.dtype)
+    torch.testing.assert_close(out, glue.decoupled_cross_attention(
+        q, k, v, 4, [glue.AttentionTerm(0.8, face_k, face_v)]), atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

@@ -219,3 +219,79 @@ def test_malicious_pickle_is_refused_without_running_its_code():
     with pytest.raises(ModelFormatError, match="refused without running"):
         load_motion_module(bad_file("malicious"))
     assert not marker.exists()
+
+
+# -- diffusers MotionAdapter layout ---------------------------------------------------------------------------------
+
+def test_diffusers_export_has_the_keys_and_shapes_of_diffusers_own_motion_adapter():
+    diffusers = pytest.importorskip("diffusers")
+    import json
+
+    from safetensors.torch import load_file
+
+    path = motion_module("v2", "diffusers")
+    config = {k: v for k, v in json.loads((path.parent / "config.json").read_text()).items() if not k.startswith("_")}
+    reference = diffusers.MotionAdapter(**config).state_dict()
+    ours = load_file(str(path))
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    assert "down_blocks.0.motion_modules.0.transformer_blocks.0.pos_embed.pe" in ours
+    assert "mid_block.motion_modules.0.transformer_blocks.0.attn2.to_out.0.weight" in ours
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2", "v3"])
+def test_diffusers_adapters_load_with_the_same_detection_and_weights(layout):
+    module = load_motion_module(motion_module(layout, "diffusers"))
+    assert module.config.version == layout
+    assert module.config.unet_norms_span_frames == (layout == "v1")
+    animatediff = load_motion_module(motion_module(layout, "ckpt"))
+    expected = animatediff.state_dict()
+    assert module.state_dict().keys() == expected.keys()
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value.float(), expected[key].float(), rtol=0, atol=1e-3 if layout == "v3" else 0,
+                                   msg=key)  # the v3 .ckpt is stored in fp16
+
+
+def test_diffusers_motion_blocks_match_diffusers_up_to_its_group_norm_over_frames(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from dreamoving_core.motion.format import save_motion_adapter
+
+    ours = tiny_module("v2", channels=(64, 64))
+    save_motion_adapter(ours, tmp_path)
+    theirs = diffusers.MotionAdapter.from_pretrained(tmp_path).down_blocks[1].motion_modules[0]
+    block = ours.down_blocks[1][0]
+    x = features(videos=2, frames=8)
+    with torch.no_grad():
+        reference = theirs(x, num_frames=8)
+        assert (reference - block(x, 8)).abs().max() > 1e-3  # diffusers normalises over frames, AnimateDiff per frame
+        block.temporal_transformer.norm = OverFrames(block.temporal_transformer.norm, 8)
+        torch.testing.assert_close(block(x, 8), reference, atol=1e-6, rtol=1e-5)
+
+
+class OverFrames(torch.nn.Module):
+    """A group norm applied to each video's frames together, as diffusers' ``AnimateDiffTransformer3D`` does."""
+
+    def __init__(self, norm: torch.nn.Module, frames: int):
+        super().__init__()
+        self.norm, self.frames = norm, frames
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        from einops import rearrange
+
+        return rearrange(self.norm(rearrange(h, "(b f) c h w -> b c f h w", f=self.frames)), "b c f h w -> (b f) c h w")
+
+
+def test_diffusers_config_gives_heads_and_groups(tmp_path):
+    import json
+
+    from dreamoving_core.motion.format import save_motion_adapter
+
+    module = motion_module_from_state_dict(animatediff_state_dict(tiny_module("v2")), "x", positional_length=32)
+    weights = save_motion_adapter(module, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, motion_num_attention_heads=[4, 4],
+                                                          motion_norm_num_groups=16)))
+    loaded = load_motion_module(weights)
+    assert (loaded.config.num_heads, loaded.config.norm_groups, loaded.config.positional_length) == (4, 16, 64)
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, motion_num_attention_heads=[4, 8])))
+    with pytest.raises(ModelFormatError, match="different attention heads per level"):
+        load_motion_module(weights)

@@ -43,13 +43,13 @@ def loaded_v2(glue):
 
 
 def test_sites_follow_animatediff_placement_on_the_tiny_unet(glue, tiny_model):
-    down, mid, up = glue.injection_sites(tiny_model.get_model_object("diffusion_model"))
-    assert [[s.path for s in level] for level in down] == [["diffusion_model.input_blocks.1"],
-                                                          ["diffusion_model.input_blocks.3"]]
-    assert (mid.path, mid.before) == ("diffusion_model.middle_block", 2)  # after the attention, before the last res
-    assert [[(s.path.split(".", 1)[1], s.before) for s in level] for level in up] == [
-        [("output_blocks.0", None), ("output_blocks.1", 2)],  # before output_blocks.1's Upsample
-        [("output_blocks.2", None), ("output_blocks.3", None)]]
+    sites = glue.injection_sites(tiny_model.get_model_object("diffusion_model"))
+    assert [[s.index for s in level] for level in sites.down] == [[1], [3]]  # input_blocks 1 and 3
+    assert (sites.mid.index, sites.mid.before) == (0, 2)  # after the attention, before the last res
+    assert [[(s.index, s.before) for s in level] for level in sites.up] == [
+        [(0, None), (1, 2)],  # before output_blocks.1's Upsample
+        [(2, None), (3, None)]]
+    assert sites.layout.down == ((320,), (320,)) and sites.layout.mid == 320
 
 
 def test_patch_keeps_weight_names_so_base_model_loras_still_apply(glue, tiny_model, loaded_v2):
@@ -109,6 +109,21 @@ def test_slot_folds_cond_and_uncond_videos_and_casts_fp16(glue, loaded_v2):
     torch.testing.assert_close(half.float(), out, atol=2e-2, rtol=2e-2)
 
 
+def test_motion_blocks_attend_through_comfyui_and_its_attention_override(glue, loaded_v2):
+    calls = []
+
+    def override(func, *args, **kwargs):
+        calls.append(func)
+        return func(*args, **kwargs)
+
+    slot = glue.MotionSlot(loaded_v2.module.mid_block, 1.0)
+    x = torch.randn(2 * 8, 320, 4, 4)
+    plain = slot(x, {"cond_or_uncond": [1, 0]})
+    overridden = slot(x, {"cond_or_uncond": [1, 0], "optimized_attention_override": override})
+    assert len(calls) == 2, "both temporal attention blocks must go through the model's override"
+    assert torch.equal(overridden, plain)
+
+
 def test_frame_windows_find_the_step_for_per_frame_and_in_between_timesteps(glue):
     handler = glue.ContextOptions(length=4, overlap=1).handler()
     options = {"transformer_options": {"sample_sigmas": torch.tensor([14.6, 6.1, 2.2, 0.0])}}
@@ -166,6 +181,89 @@ def test_mismatched_unet_is_refused_at_apply_time(glue, tiny_model):
         glue.apply_motion(tiny_model, motion, 1.0)
 
 
+def loaded(glue, layout: str, **kw):
+    """A tiny motion module of ``layout`` as Load Motion Module hands it on."""
+    module = tiny_module(layout, **kw)
+    return glue.LoadedMotionModule(layout, module, glue.managed(module))
+
+
+def run_unet(patched, frames: int = 4, seed: int = 0) -> None:
+    """One U-Net call of ``patched`` on cond + uncond videos of ``frames`` frames, as a sampler batches them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * frames, 4, 8, 8, generator=g)
+    context = torch.randn(2 * frames, 77, 768, generator=g)
+    options = {**patched.model_options["transformer_options"], "wrappers": patched.wrappers, "cond_or_uncond": [0, 1]}
+    with torch.no_grad():
+        patched.model.diffusion_model(x, torch.full((2 * frames,), 500.0), context, transformer_options=options)
+
+
+@pytest.mark.parametrize("layout", ["v1", "v2", "v3"])
+def test_unet_group_norms_span_each_videos_frames_for_v1_and_stay_per_frame_otherwise(glue, tiny_model, layout):
+    import comfy.utils
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    patched = glue.apply_motion(tiny_model, loaded(glue, layout, zero_out=True), 1.0)
+    paths = glue.video_norm_paths(patched)
+    assert len(paths) == 2 * (2 + 2 + 4) + 1  # in/out layers of the ResBlocks (input, middle, output), output norm
+    seen = {}
+    patched.patch_model()
+    try:
+        hooks = []
+
+        def record(key, value) -> None:  # a forward hook that returns None keeps the output
+            seen.setdefault(key, value)
+
+        for path in paths:
+            layers = comfy.utils.get_attr(patched.model, path)
+            norm = layers._modules["0"]  # the U-Net's own norm, under its own key
+            hooks.append(layers.register_forward_hook(
+                lambda m, args, out, path=path, norm=norm: record(path, (args[0], norm))))
+            hooks.append(norm.register_forward_hook(lambda m, args, out, path=path: record(path + "!", out)))
+        run_unet(patched)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        patched.unpatch_model()
+    assert len(seen) == 2 * len(paths)
+    for path in paths:
+        x, norm = seen[path]
+        out = seen[path + "!"]
+        out = rearrange(out, "b c f h w -> (b f) c h w") if out.ndim == 5 else out
+
+        def stats(videos):  # group norm with statistics over each of ``videos`` videos' frames
+            folded = rearrange(x, "(b f) c h w -> b c f h w", b=videos)
+            normed = F.group_norm(folded, norm.num_groups, norm.weight, norm.bias, norm.eps)
+            return rearrange(normed, "b c f h w -> (b f) c h w")
+
+        per_frame = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        expected = stats(2) if layout == "v1" else per_frame
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4, msg=path)
+        assert (stats(2) - per_frame).abs().max() > 1e-4, "the two statistics must differ for the test to mean it"
+        assert (stats(1) - stats(2)).abs().max() > 1e-4, "cond and uncond must not share statistics"
+    assert not any(glue._is_folded(comfy.utils.get_attr(tiny_model.model, path)) for path in paths)
+
+
+def test_v1_norm_patches_are_undone_by_a_later_v2_module_and_keep_weight_keys(glue, tiny_model):
+    import comfy.utils
+
+    v1 = glue.apply_motion(tiny_model, loaded(glue, "v1"), 1.0)
+    path = "diffusion_model.input_blocks.1.0.in_layers"
+    assert list(v1.get_model_object(path)._modules) == ["fold", "0", "unfold", "1", "2"]
+    v2 = glue.apply_motion(v1, loaded(glue, "v2"), 1.0)
+    assert list(v2.get_model_object(path)._modules) == ["0", "1", "2"]
+    assert v2.get_additional_models_with_key(glue.ADDITIONAL_MODELS_KEY) != []
+    assert v2.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, glue.VIDEO_NORMS_KEY) == []
+    v1.patch_model()
+    try:
+        assert set(v1.model.state_dict()) == set(tiny_model.model.state_dict())
+        assert comfy.utils.get_attr(v1.model, path + ".0.weight") is \
+            comfy.utils.get_attr(tiny_model.model, path + ".0.weight")
+    finally:
+        v1.unpatch_model()
+    assert list(comfy.utils.get_attr(tiny_model.model, path)._modules) == ["0", "1", "2"]
+
+
 # -- over HTTP --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -175,6 +273,9 @@ def mm(install_model):
              for layout, ext in [("v1", "ckpt"), ("v2", "ckpt"), ("v2", "safetensors"), ("v3", "ckpt")]}
     names["ours"] = install_model(motion_module("dreamoving", "safetensors"), "dreamoving/motion")
     names["v2_zero"] = install_model(motion_module("v2", "ckpt", zero_out=True), "animatediff_models")
+    names["v1_zero"] = install_model(motion_module("v1", "ckpt", zero_out=True), "animatediff_models")
+    adapter = install_model(motion_module("v2", "diffusers").parent, "animatediff_models", "tiny_adapter_v2")
+    names["v2 diffusers"] = f"{adapter}/diffusion_pytorch_model.safetensors"
     names["ours_zero"] = install_model(motion_module("dreamoving", "safetensors", zero_out=True), "dreamoving/motion")
     for kind in BAD_KINDS:
         names[kind] = install_model(bad_file(kind), "animatediff_models")
@@ -232,29 +333,58 @@ def test_motion_scale_zero_equals_no_motion_module(comfy, tiny_checkpoint, mm):
     assert not torch.equal(latent(comfy, tiny_checkpoint, mm["v2.ckpt"], scale=1.0), plain)
 
 
-def frame0_graph(checkpoint, motion, frame0_color):
-    """8 frames whose starting latent is empty except frame 0, which is the VAE encoding of a solid colour."""
-    g, refs = base_graph(checkpoint, frames=7, prefix="interact")
-    image = g.node("EmptyImage", width=64, height=64, batch_size=1, color=frame0_color)
-    first = g.node("VAEEncode", pixels=image[0], vae=refs["vae"])
-    batch = g.node("LatentBatch", samples1=first[0], samples2=refs["latent"])
-    g.set(refs["sampler"], latent_image=batch[0])
+def frame0_graph(comfy_base, checkpoint, motion, frame0: float):
+    """8 frames whose starting latent is zero except frame 0, which is ``frame0`` everywhere (written as a
+    ``.latent`` file and read by core LoadLatent: the tiny VAE encodes images to NaN, which would make any
+    difference vacuous)."""
+    from safetensors.torch import save_file
+
+    name = f"dreamoving_frame0_{frame0:g}.latent"
+    start = torch.zeros(8, 4, 8, 8)
+    start[0] = frame0
+    save_file({"latent_tensor": start, "latent_format_version_0": torch.tensor([])}, str(comfy_base / "input" / name))
+    g, refs = base_graph(checkpoint, frames=8, prefix="interact")
+    g.set(refs["sampler"], latent_image=g.node("LoadLatent", latent=name)[0])
     if motion is not None:
         splice_motion(g, refs, motion)
     return g, refs
 
 
 @pytest.mark.parametrize("layout", ["v1.ckpt", "ours"])
-def test_random_motion_makes_frames_interact_and_without_it_they_do_not(comfy, tiny_checkpoint, mm, layout):
+def test_random_motion_makes_frames_interact_and_without_it_they_do_not(comfy, comfy_base, tiny_checkpoint, mm,
+                                                                        layout):
     results = {}
     for motion in (None, mm[layout]):
-        for color in (0, 0xFF8000):
-            g, refs = frame0_graph(tiny_checkpoint, motion, color)
-            results[motion, color] = run_latent(comfy, g, refs["save"])
-    assert not torch.equal(results[None, 0][0], results[None, 0xFF8000][0]), "frame 0's input must differ"
-    assert torch.equal(results[None, 0][5], results[None, 0xFF8000][5]), "without motion, frames are independent"
-    assert not torch.equal(results[mm[layout], 0][5], results[mm[layout], 0xFF8000][5]), \
+        for frame0 in (0.0, 1.5):
+            g, refs = frame0_graph(comfy_base, tiny_checkpoint, motion, frame0)
+            results[motion, frame0] = run_latent(comfy, g, refs["save"])
+            assert torch.isfinite(results[motion, frame0]).all()
+    assert not torch.equal(results[None, 0.0][0], results[None, 1.5][0]), "frame 0's input must differ"
+    assert torch.equal(results[None, 0.0][5], results[None, 1.5][5]), "without motion, frames are independent"
+    assert not torch.equal(results[mm[layout], 0.0][5], results[mm[layout], 1.5][5]), \
         "with a motion module, frame 5 must depend on frame 0"
+
+
+def test_v1_makes_frames_depend_on_each_other_through_the_unets_norms_even_with_silent_motion_blocks(
+        comfy, comfy_base, tiny_checkpoint, mm):
+    results = {}
+    for motion in (mm["v1_zero"], mm["v2_zero"]):
+        for frame0 in (0.0, 1.5):
+            g, refs = frame0_graph(comfy_base, tiny_checkpoint, motion, frame0)
+            results[motion, frame0] = run_latent(comfy, g, refs["save"])
+            assert torch.isfinite(results[motion, frame0]).all()
+    assert not torch.equal(results[mm["v1_zero"], 0.0][5], results[mm["v1_zero"], 1.5][5]), \
+        "v1 normalises over the video's frames: frame 5 must depend on frame 0"
+    assert torch.equal(results[mm["v2_zero"], 0.0][5], results[mm["v2_zero"], 1.5][5]), \
+        "v2 normalises per frame: identity motion blocks leave frames independent"
+
+
+def test_diffusers_adapter_folder_gives_the_output_of_the_same_weights_in_animatediffs_layout(
+        comfy, tiny_checkpoint, mm):
+    info = comfy.object_info("DreaMovingLoadMotionModule")["DreaMovingLoadMotionModule"]
+    assert mm["v2 diffusers"] in combo_options(info["input"]["required"]["model_name"])
+    assert torch.equal(latent(comfy, tiny_checkpoint, mm["v2 diffusers"], prefix="adapter"),
+                       latent(comfy, tiny_checkpoint, mm["v2.ckpt"], prefix="adapter"))
 
 
 def test_no_patch_leaks_after_a_motion_prompt_succeeds_or_fails(comfy, tiny_checkpoint, mm):

@@ -163,22 +163,27 @@ def test_cpu_fallback_when_cuda_is_listed_but_fails(monkeypatch, caplog):
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", session)
-    monkeypatch.setattr(dwpose, "_sessions", {})
-    monkeypatch.setattr(dwpose, "_logged_providers", set())
-    with caplog.at_level(logging.INFO, logger="dreamoving.dwpose"):
+    with caplog.at_level(logging.INFO, logger="dreamoving_core.onnx_sessions"):
         m = dwpose.DWPose(tiny.yolox_onnx(), tiny.dwpose_onnx(), device="auto")
         assert m.providers == ["CPUExecutionProvider", "CPUExecutionProvider"]
         assert len(m(tiny.synthetic_dance_frames(1)[0], 64).people) == 1
-    assert tried[0] == ["CUDAExecutionProvider", "CPUExecutionProvider"] and tried[1] == ["CPUExecutionProvider"]
-    provider_lines = [r.message for r in caplog.records if "onnxruntime runs on" in r.message]
-    assert provider_lines == ["DWPose: onnxruntime runs on CPUExecutionProvider"]
+    assert tried == [["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]] * 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and all("the CUDA provider failed to start" in w and "libcudnn" in w for w in warnings)
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert infos == ["DWPose: onnxruntime runs yolox_l.onnx on CPUExecutionProvider, dw-ll_ucoco_384.onnx on "
+                     "CPUExecutionProvider"]
 
 
-def test_sessions_are_created_lazily_and_cached(monkeypatch):
-    monkeypatch.setattr(dwpose, "_sessions", {})
+def test_sessions_open_on_first_use_stay_open_and_release_closes_them():
     m = dwpose.DWPose(tiny.yolox_onnx(), tiny.dwpose_onnx(), device="cpu")
-    assert dwpose._sessions == {}
-    assert m.detector is m.detector and len(dwpose._sessions) == 1
+    assert not any(model.is_open for model in m.models)
+    assert m.detector is m.detector and [model.is_open for model in m.models] == [True, False]
+    before = m(tiny.synthetic_dance_frames(1)[0], 64)
+    m.release()
+    assert not any(model.is_open for model in m.models)
+    after = m(tiny.synthetic_dance_frames(1)[0], 64)  # reopened
+    np.testing.assert_array_equal(after.people[0].body, before.people[0].body)
 
 
 def test_swapped_model_files_are_refused_with_a_clear_message():
@@ -418,7 +423,7 @@ def test_retargeting_needs_a_reference_body():
 
 def test_zoedepth_from_a_tiny_config_end_to_end():
     model = load_zoedepth(tiny.zoedepth_dir())
-    assert load_zoedepth(tiny.zoedepth_dir()) is model  # cached
+    assert load_zoedepth(tiny.zoedepth_dir()) is not model  # nothing is cached between calls
     frames = torch.from_numpy(tiny.synthetic_dance_frames(3, 64)[:, 8:56]).float() / 255  # 48x64
     seen = []
     depth = model.depth(frames, batch_size=2, progress=seen.append)

@@ -14,7 +14,7 @@ from devtools.tiny.controlnet import (control_lora, sd15_controlnet, sdxl_contro
 from devtools.tiny.motion import bad_file, motion_module, tiny_module
 from dreamoving_core.control.format import (build_video_controlnet, detect_layout, load_video_controlnet,
                                                save_video_controlnet)
-from dreamoving_core.errors import ModelFormatError
+from dreamoving_core.errors import InputMismatchError, ModelFormatError
 from dreamoving_core.io import load_state_dict, read_metadata
 from dreamoving_core.control.model import ControlNetConfig, VideoControlNet
 
@@ -143,14 +143,16 @@ def test_zero_motion_module_file_combined_equals_plain(plain):
     torch.testing.assert_close(residuals(combined, **inputs()), residuals(plain, **inputs()), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("channels, layers, problem", [((320, 320, 320), 1, "3 levels"), ((64, 64), 1, "64"),
-                                                       ((320, 320), 2, "[2, 2] motion blocks")])
+@pytest.mark.parametrize("channels, layers, problem", [((320, 320, 320), 1, "3 levels of widths 320/320/320"),
+                                                       ((64, 64), 1, "2 levels of widths 64/64"),
+                                                       ((320, 320), 2, "2 levels of widths 320/320 (2/2 layers)")])
 def test_motion_blocks_that_do_not_fit_the_controlnet_are_refused(plain, channels, layers, problem):
     motion = tiny_module("v2", channels=channels, down_layers=layers)
-    with pytest.raises(ModelFormatError, match="does not fit") as err:
+    with pytest.raises(InputMismatchError) as err:
         build_video_controlnet(plain.state_dict(), "cn.pth", [list(level) for level in motion.down_blocks],
                                motion.mid_block, "mm_bad.ckpt")
-    assert problem in str(err.value) and "mm_bad.ckpt" in str(err.value) and "cn.pth" in str(err.value)
+    assert str(err.value).startswith(f"motion module 'mm_bad.ckpt' is made for a U-Net with {problem}")
+    assert "but ControlNet 'cn.pth' has 2 levels of widths 320/320 (1/1 layers)" in str(err.value)
 
 
 def test_sdxl_motion_module_file_or_a_controlnet_as_motion_module_is_refused():

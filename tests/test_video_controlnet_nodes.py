@@ -236,6 +236,21 @@ def test_one_hint_image_is_broadcast_and_a_wrong_count_names_both_counts(glue, s
         assert f"Apply Video ControlNet: got {wrong} hint images for a video of {FRAMES} frames" in str(err.value)
 
 
+def test_controlnet_attends_through_comfyui_and_its_attention_override(glue, sampling):
+    calls = []
+
+    def override(func, *args, **kwargs):
+        calls.append(func)
+        return func(*args, **kwargs)
+
+    control = control_for(glue, sampling, video_controlnet(), hints())
+    plain = get(control)
+    overridden = get(control, {"optimized_attention_override": override})
+    assert len(calls) == 3 * 2 + 3 * 2  # 3 spatial transformers (self + cross), 3 motion blocks (2 each)
+    for a, b in zip(overridden, plain):
+        assert torch.equal(a, b)
+
+
 def test_copies_share_one_model_and_patcher_for_memory_management(glue, sampling):
     control = control_for(glue, sampling, video_controlnet(), hints())
     twin = control.copy()

@@ -1,7 +1,8 @@
 """Tiny motion modules for the tiny SD1.5 U-Net (2 levels of width 320, one res layer per level), in the real layouts.
 
 ``motion_module(layout, ext)`` writes AnimateDiff v1 (24 positions, ``.ckpt`` wrapped in ``state_dict`` like training
-checkpoints), v2 (mid block, 32 positions), v3 (32 positions) or DreaMoving (ours, 64 positions) files. The
+checkpoints), v2 (mid block, 32 positions), v3 (32 positions) or DreaMoving (ours, 64 positions) files; with ext
+``"diffusers"`` the same v1/v2/v3 weights as a diffusers ``MotionAdapter`` folder (the hub layout). The
 ``bad_file(kind)`` family holds what users pick by mistake: SDXL and HotshotXL motion modules, a motion LoRA, a
 ControlNet, a truncated and a corrupt file, and a ``.ckpt`` whose pickle would create ``MALICIOUS_MARKER`` if it ran.
 """
@@ -61,17 +62,21 @@ def _write(weights: dict, path: Path, wrap: bool = False) -> None:
 
 
 def motion_module(layout: str = "v2", ext: str = "safetensors", *, zero_out: bool = False) -> Path:
-    """A tiny motion module file in ``layout`` (``LAYOUTS``) as ``ext`` (``ckpt`` or ``safetensors``; ours is
-    safetensors only). AnimateDiff v1/v2 files are fp32 like the originals, v3 and ours fp16."""
+    """A tiny motion module file in ``layout`` (``LAYOUTS``) as ``ext`` (``ckpt``, ``safetensors`` or, for
+    v1/v2/v3, ``diffusers``: the ``diffusion_pytorch_model.safetensors`` of a ``MotionAdapter`` folder; ours is
+    safetensors only). AnimateDiff v1/v2 files are fp32 like the originals, v3 and ours fp16, diffusers fp32."""
     import torch
 
-    from dreamoving_core.motion.format import animatediff_state_dict, save_motion_module
+    from dreamoving_core.motion.format import animatediff_state_dict, save_motion_adapter, save_motion_module
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
 
     def build(path: Path) -> None:
         module = tiny_module(layout, zero_out=zero_out)
+        if ext == "diffusers":
+            save_motion_adapter(module, path)
+            return
         if layout == "dreamoving":
             save_motion_module(module.half(), path, metadata={"note": "tiny random test module"})
             return
@@ -80,6 +85,8 @@ def motion_module(layout: str = "v2", ext: str = "safetensors", *, zero_out: boo
         _write({k: v.to(dtype) for k, v in weights.items()}, path, wrap=layout == "v1")
 
     suffix = "_zero" if zero_out else ""
+    if ext == "diffusers":
+        return cached(f"motion/tiny_adapter_{layout}{suffix}_{VERSION}", build) / "diffusion_pytorch_model.safetensors"
     return cached(f"motion/tiny_mm_{layout}{suffix}_{VERSION}.{ext}", build)
 
 

@@ -13,8 +13,9 @@ Accepted files (all SD1.5):
   ``format = "dreamoving_video_controlnet"``, ``version = "1"``, ``motion_config = <JSON of MotionModuleConfig>``.
 
 Any of the first three can be combined with a motion module file (its down and mid blocks) into a Video ControlNet;
-without one it is a plain per-frame ControlNet. SDXL/SD2 ControlNets, T2I-Adapters, control LoRAs and motion modules
-whose levels or widths do not fit are refused with a ``ModelFormatError`` naming the file.
+without one it is a plain per-frame ControlNet. SDXL/SD2 ControlNets, T2I-Adapters and control LoRAs are refused with
+a ``ModelFormatError`` naming the file; motion modules whose levels or widths do not fit (``unet.topology``) with an
+``InputMismatchError`` naming both files.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ import torch
 
 from ..errors import ModelFormatError
 from ..io import load_state_dict, read_metadata, reading, save_state_dict
-from ..motion.model import MotionBlock, MotionModuleConfig
 from ..motion.format import load_motion_module, motion_module_from_state_dict
+from ..motion.model import MotionBlock, MotionModuleConfig
+from ..ops import TORCH_OPS
+from ..unet.topology import check_motion_fit, module_layout
 from .model import ControlNetConfig, VideoControlNet
 
 FORMAT_NAME = "dreamoving_video_controlnet"
@@ -187,32 +190,19 @@ def infer_config(weights: Mapping[str, torch.Tensor], name: str) -> ControlNetCo
         context_dim=768, in_channels=conv_in.shape[1], hint_channels=hint_in.shape[1])
 
 
-def check_motion_fit(config: ControlNetConfig, motion_down: list[list[MotionBlock]], motion_mid: MotionBlock | None,
-                     controlnet_name: str, motion_name: str) -> None:
-    """Raise ``ModelFormatError`` unless a motion module's down/mid blocks fit the ControlNet's levels and widths."""
-    want_layers = list(config.num_res_blocks)
-    have_layers = [len(level) for level in motion_down]
-    want_widths = list(config.level_widths)
-    have_widths = [level[0].channels if level else None for level in motion_down]
-    mid_width = motion_mid.channels if motion_mid is not None else config.level_widths[-1]
-    if have_layers != want_layers or have_widths != want_widths or mid_width != config.level_widths[-1]:
-        raise ModelFormatError(
-            f"motion module '{motion_name}' does not fit ControlNet '{controlnet_name}': the ControlNet has "
-            f"{len(want_layers)} levels with {want_layers} layers of widths {want_widths}, the motion module has "
-            f"{len(have_layers)} levels with {have_layers} motion blocks of widths {have_widths}; use an SD1.5 "
-            "motion module made for the same U-Net (e.g. mm_sd_v15_v2.ckpt for a real SD1.5 ControlNet)")
-
-
 def build_video_controlnet(weights: Mapping[str, torch.Tensor], name: str,
                            motion_down: list[list[MotionBlock]] | None = None, motion_mid: MotionBlock | None = None,
-                           motion_name: str = "", motion_config: MotionModuleConfig | None = None
+                           motion_name: str = "", motion_config: MotionModuleConfig | None = None, ops=TORCH_OPS
                            ) -> VideoControlNet:
-    """A ``VideoControlNet`` from original-layout ControlNet weights plus optional motion blocks (already loaded)."""
+    """A ``VideoControlNet`` from original-layout ControlNet weights plus optional motion blocks (already loaded).
+
+    Raises ``InputMismatchError`` when the motion blocks do not fit the ControlNet's sites (``unet.topology``)."""
     config = infer_config(weights, name)
-    if motion_down is not None:
-        check_motion_fit(config, motion_down, motion_mid, name, motion_name)
     with torch.device("meta"):  # weights come from the file; skip the random initialisation
-        model = VideoControlNet(config, motion_down, motion_mid, motion_config)
+        model = VideoControlNet(config, motion_down, motion_mid, motion_config, ops)
+    if motion_down is not None:
+        check_motion_fit(module_layout(motion_down, motion_mid), model.motion_sites.layout, motion_name,
+                         f"ControlNet '{name}'", decoder=False)
     control_part = {k: v for k, v in model.state_dict().items() if not k.startswith(("motion_down.", "motion_mid."))}
     missing = sorted(set(control_part) - set(weights))
     unexpected = sorted(set(weights) - set(control_part))
@@ -230,12 +220,13 @@ def build_video_controlnet(weights: Mapping[str, torch.Tensor], name: str,
 
 def load_video_controlnet(path: str | os.PathLike, motion_path: str | os.PathLike | None = None, *,
                           positional_length: int | None = None, pe_extension: str = "sinusoid",
-                          dtype: torch.dtype | None = None) -> VideoControlNet:
+                          dtype: torch.dtype | None = None, ops=TORCH_OPS) -> VideoControlNet:
     """Load a Video ControlNet from any accepted ControlNet file (see module docstring), optionally combined with a
     motion module file whose down/mid blocks become the ControlNet's motion blocks (they replace those of a Video
     ControlNet file). Without motion blocks the result is a plain per-frame ControlNet. The model is on the CPU in
-    ``dtype`` (default: the ControlNet weights' dtype), in eval mode. ``positional_length`` / ``pe_extension`` go to
-    the motion module loader (see ``motion.format.motion_module_from_state_dict``).
+    ``dtype`` (default: the ControlNet weights' dtype), in eval mode, built from ``ops`` (``dreamoving_core.ops``).
+    ``positional_length`` / ``pe_extension`` go to the motion module loader (see
+    ``motion.format.motion_module_from_state_dict``).
     """
     path = Path(path)
     sd = load_state_dict(path)
@@ -246,16 +237,17 @@ def load_video_controlnet(path: str | os.PathLike, motion_path: str | os.PathLik
         motion_name = ""
         if motion_path is not None:
             motion_name = Path(motion_path).name
-            motion = load_motion_module(motion_path, positional_length=positional_length, pe_extension=pe_extension)
+            motion = load_motion_module(motion_path, positional_length=positional_length, pe_extension=pe_extension,
+                                        ops=ops)
         elif layout == "video":
             motion_name = path.name
             motion = motion_module_from_state_dict(
                 {k[len(MOTION_PREFIX):]: v for k, v in sd.items() if k.startswith(MOTION_PREFIX)}, path.name,
-                positional_length=positional_length, pe_extension=pe_extension, metadata=read_metadata(path))
+                positional_length=positional_length, pe_extension=pe_extension, metadata=read_metadata(path), ops=ops)
         if motion is not None:
             motion_down, motion_mid = [list(level) for level in motion.down_blocks], motion.mid_block
         model = build_video_controlnet(weights, path.name, motion_down, motion_mid, motion_name,
-                                       motion.config if motion is not None else None)
+                                       motion.config if motion is not None else None, ops)
     return model.to(dtype or next(iter(weights.values())).dtype).eval().requires_grad_(False)
 
 

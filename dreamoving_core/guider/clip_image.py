@@ -1,11 +1,14 @@
-"""OpenCLIP ViT-H/14 image features for the Content Guider, through ``open_clip_torch`` from a local weights file.
+"""OpenCLIP ViT-H/14 image features for the Content Guider, from a local weights file.
 
 Reads both layouts users have: OpenCLIP's own (``visual.*``, e.g. ``open_clip_pytorch_model.bin`` of
 ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``) and the transformers layout ComfyUI keeps in ``models/clip_vision``
 (``vision_model.*`` + ``visual_projection.weight``, e.g. ``CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors``), which is
-mapped onto OpenCLIP's module names. Features match ComfyUI's ``CLIPVisionEncode`` (``crop=True``):
-``image_embeds`` (projected pooled token) for plain IP-Adapters and ``penultimate_hidden_states`` (all tokens after
-all but the last transformer layer) for plus / full-face / FaceID-Plus adapters.
+mapped onto OpenCLIP's names. The tower is OpenCLIP's ``VisionTransformer`` (class-token pooling, pre-norm blocks
+with exact GELU) rebuilt from ``ops`` layers and the pack's attention function, so a host can cast and offload it
+like its own models; its outputs equal OpenCLIP's on the same weights. Features match ComfyUI's
+``CLIPVisionEncode`` (``crop=True``): ``image_embeds`` (projected pooled token) for plain IP-Adapters and
+``penultimate_hidden_states`` (all tokens after all but the last transformer layer) for plus / full-face /
+FaceID-Plus adapters.
 """
 from __future__ import annotations
 
@@ -13,10 +16,13 @@ import os
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import nn
 
+from ..attention import AttentionFn, sdpa_attention
 from ..errors import ModelFormatError
 from ..io import load_state_dict, reading
+from ..ops import TORCH_OPS
 from .model import ImageFeatures
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -106,43 +112,98 @@ def vision_state_dict(sd: dict[str, torch.Tensor], name: str) -> tuple[dict[str,
     return visual, VisionConfig(tower, width, layers, heads, patch, grid * patch, mlp / width, embed_dim)
 
 
+class _Block(nn.Module):
+    """Pre-norm ViT block: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))`` with a GELU MLP: ``(B, L, W)``."""
+
+    def __init__(self, width: int, heads: int, mlp_width: int, ops=TORCH_OPS):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = ops.LayerNorm(width), ops.LayerNorm(width)
+        self.in_proj = ops.Linear(width, 3 * width)  # OpenCLIP's attn.in_proj_weight / in_proj_bias (q, k, v)
+        self.out_proj = ops.Linear(width, width)
+        self.mlp = nn.Sequential(ops.Linear(width, mlp_width), nn.GELU(), ops.Linear(mlp_width, width))
+
+    def forward(self, x: torch.Tensor, attention: AttentionFn) -> torch.Tensor:
+        q, k, v = self.in_proj(self.ln_1(x)).chunk(3, dim=-1)
+        x = x + self.out_proj(attention(q, k, v, self.heads))
+        return x + self.mlp(self.ln_2(x))
+
+
+class VisionTower(nn.Module):
+    """A CLIP ViT image tower: ``forward(pixels (B, 3, S, S)) -> (image_embeds (B, E), penultimate (B, 1 + g², W))``.
+
+    ``class_embedding``, ``positional_embedding`` and ``proj`` are bare parameters (no layer casts them), so they
+    follow the input's device and dtype where they are used."""
+
+    def __init__(self, config: VisionConfig, ops=TORCH_OPS):
+        super().__init__()
+        width, grid = config.width, config.image_size // config.patch_size
+        self.conv1 = ops.Conv2d(3, width, config.patch_size, stride=config.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        self.positional_embedding = nn.Parameter(torch.zeros(grid * grid + 1, width))
+        self.ln_pre, self.ln_post = ops.LayerNorm(width), ops.LayerNorm(width)
+        self.blocks = nn.ModuleList(_Block(width, config.heads, round(width * config.mlp_ratio), ops)
+                                    for _ in range(config.layers))
+        self.proj = nn.Parameter(torch.zeros(width, config.embed_dim))
+
+    def forward(self, pixels: torch.Tensor,
+                attention: AttentionFn = sdpa_attention) -> tuple[torch.Tensor, torch.Tensor]:
+        x = rearrange(self.conv1(pixels), "b w h v -> b (h v) w")
+
+        def cast(param: nn.Parameter) -> torch.Tensor:
+            return param.to(device=x.device, dtype=x.dtype)
+
+        x = torch.cat([cast(self.class_embedding).expand(x.shape[0], 1, -1), x], dim=1) + cast(self.positional_embedding)
+        x = self.ln_pre(x)
+        for block in self.blocks[:-1]:
+            x = block(x, attention)
+        penultimate = x
+        pooled = self.ln_post(self.blocks[-1](x, attention)[:, 0])
+        return pooled @ cast(self.proj), penultimate
+
+
+def _tower_state_dict(visual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP ``VisionTransformer`` keys -> ``VisionTower`` keys."""
+    out = {}
+    for key, value in visual.items():
+        key = key.replace("transformer.resblocks.", "blocks.").replace(".attn.in_proj_", ".in_proj.")
+        key = key.replace(".attn.out_proj.", ".out_proj.").replace(".mlp.c_fc.", ".mlp.0.")
+        out[key.replace(".mlp.c_proj.", ".mlp.2.")] = value
+    return out
+
+
 class ClipImageEncoder(nn.Module):
-    """An OpenCLIP ViT image tower. ``encode(images)`` gives :class:`ImageFeatures` with ``image_embeds``
+    """A CLIP ViT image tower. ``encode(images)`` gives :class:`ImageFeatures` with ``image_embeds``
     ``(B, embed_dim)`` and ``penultimate_hidden_states`` ``(B, 1 + grid², width)``."""
 
-    def __init__(self, visual: nn.Module, config: VisionConfig):
+    def __init__(self, tower: VisionTower, config: VisionConfig):
         super().__init__()
-        self.visual, self.config = visual, config
+        self.tower, self.config = tower, config
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "ClipImageEncoder":
-        """Load the image tower of a local CLIP weights file (OpenCLIP or transformers layout)."""
-        from open_clip.transformer import VisionTransformer  # heavy import, only when a model is loaded
-
+    def from_file(cls, path: str | os.PathLike, ops=TORCH_OPS) -> "ClipImageEncoder":
+        """Load the image tower of a local CLIP weights file (OpenCLIP or transformers layout), float32 on the CPU,
+        built from ``ops`` (``dreamoving_core.ops``)."""
         name = os.path.basename(os.fspath(path))
         sd = load_state_dict(path)
         with reading(name, "CLIP vision model"):
             weights, cfg = vision_state_dict(sd, name)
-        visual = VisionTransformer(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width,
-                                   layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
-                                   output_dim=cfg.embed_dim)
+        with torch.device("meta"):
+            tower = VisionTower(cfg, ops)
         try:
-            visual.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+            tower.load_state_dict({k: v.float() for k, v in _tower_state_dict(weights).items()}, strict=True,
+                                  assign=True)
         except RuntimeError as err:
             raise ModelFormatError(f"'{name}': CLIP vision weights do not fit OpenCLIP {cfg.name} "
                                    f"({str(err).splitlines()[0]})") from err
-        return cls(visual.eval().requires_grad_(False), cfg)
+        return cls(tower.eval().requires_grad_(False), cfg)
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> ImageFeatures:
-        """``images``: ``(B, H, W, C)`` in [0, 1] (ComfyUI IMAGE layout)."""
-        param = next(self.visual.parameters())
-        pixels = preprocess(images.to(param.device), self.config.image_size).to(param.dtype)
-        captured = {}
-        hook = self.visual.transformer.resblocks[-1].register_forward_pre_hook(
-            lambda _module, args: captured.setdefault("penultimate", args[0]))
-        try:
-            embeds = self.visual(pixels)
-        finally:
-            hook.remove()
-        return ImageFeatures(image_embeds=embeds.float(), penultimate_hidden_states=captured["penultimate"].float())
+    def encode(self, images: torch.Tensor, device: torch.device | str | None = None,
+               attention: AttentionFn = sdpa_attention) -> ImageFeatures:
+        """``images``: ``(B, H, W, C)`` in [0, 1] (ComfyUI IMAGE layout), run on ``device`` (default: where the
+        tower's first weight is) in float32, as ComfyUI's CLIP vision does; features come back float32."""
+        device = device if device is not None else self.tower.conv1.weight.device
+        pixels = preprocess(images.to(device), self.config.image_size)
+        embeds, penultimate = self.tower(pixels, attention)
+        return ImageFeatures(image_embeds=embeds.float(), penultimate_hidden_states=penultimate.float())

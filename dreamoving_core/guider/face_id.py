@@ -12,11 +12,11 @@ input/output signature the way InsightFace routes them:
 Other files of a pack (landmarks 192×192, gender/age 96×96) are ignored. The face is aligned to the ArcFace
 5-point template by a similarity transform. Detection, alignment and recognition are implemented here on
 onnxruntime (+ numpy, OpenCV for the warp) rather than through the ``insightface`` package, whose API differs
-between releases; the files are the same.
+between releases; the files are the same. Sessions follow the pack's one policy (``dreamoving_core.onnx_sessions``)
+and close on ``FaceAnalyzer.release()``.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from .. import paths
+from ..detection import nms
 from ..errors import InputMismatchError, ModelFormatError
 from ..io import first_line
+from ..onnx_sessions import OnnxModel, log_providers
 
-log = logging.getLogger(__name__)
+LABEL = "DreaMoving face ID"
 
 # ArcFace 5-point template (eyes, nose, mouth corners) for a 112×112 crop.
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -61,23 +63,6 @@ class FaceIdentity:
     face: Face
 
 
-def select_providers(preference: str = "auto") -> list[str]:
-    """onnxruntime providers: ``"auto"`` = CUDA when available, else CPU; ``"cpu"``; ``"cuda"`` (error if absent)."""
-    import onnxruntime
-
-    available = onnxruntime.get_available_providers()
-    preference = preference.lower()
-    if preference == "cpu":
-        return ["CPUExecutionProvider"]
-    if "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if preference == "cuda":
-        raise InputMismatchError(f"the CUDA provider was requested but onnxruntime {onnxruntime.__version__} offers "
-                                 f"only {', '.join(available)}; install onnxruntime-gpu (and not onnxruntime) or "
-                                 "choose 'auto'")
-    return ["CPUExecutionProvider"]
-
-
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation, uniform scale, translation) mapping ``src`` to ``dst`` points
     (Umeyama 1991); returns the 2×3 affine matrix."""
@@ -105,58 +90,56 @@ def align_face(image: np.ndarray, kps: np.ndarray, size: int = 112) -> np.ndarra
     return cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)
 
 
-def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
-    order, keep = scores.argsort()[::-1], []
-    while order.size:
-        i = order[0]
-        keep.append(int(i))
-        xx1 = np.maximum(boxes[i, 0], boxes[order[1:], 0])
-        yy1 = np.maximum(boxes[i, 1], boxes[order[1:], 1])
-        xx2 = np.minimum(boxes[i, 2], boxes[order[1:], 2])
-        yy2 = np.minimum(boxes[i, 3], boxes[order[1:], 3])
-        inter = np.clip(xx2 - xx1, 0, None) * np.clip(yy2 - yy1, 0, None)
-        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        iou = inter / (areas[i] + areas[order[1:]] - inter + 1e-9)
-        order = order[1:][iou <= threshold]
-    return keep
-
-
 class FaceAnalyzer:
-    """Detector + ArcFace of one pack. ``identity(image, label)`` → :class:`FaceIdentity` of the largest face."""
+    """Detector + ArcFace of one pack. ``identity(image, label)`` → :class:`FaceIdentity` of the largest face.
+
+    The pack's files are told apart when it is loaded (their sessions open then); ``release()`` closes the sessions,
+    which reopen when next used."""
 
     def __init__(self, pack_dir: str | os.PathLike, provider: str = "auto"):
-        import onnxruntime
-
         self.pack = Path(pack_dir)
         files = sorted(self.pack.glob("*.onnx"))
         if not files:
             raise ModelFormatError(f"InsightFace pack '{self.pack.name}' has no .onnx files (looked in {self.pack})")
-        providers = select_providers(provider)
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        self.detector = self.recognizer = None
+        self.detector_model = self.recognizer_model = None
         for file in files:
+            model = OnnxModel(file, provider, LABEL)
             try:
-                session = onnxruntime.InferenceSession(str(file), sess_options=options, providers=providers)
-            except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf types
-                raise ModelFormatError(f"InsightFace pack '{self.pack.name}': '{file.name}' is not a readable ONNX "
-                                       f"model ({first_line(err)}); download the pack again") from err
+                session = model.session
+            except ModelFormatError as err:
+                raise ModelFormatError(f"InsightFace pack '{self.pack.name}': {err}; download the pack again") from err
             inputs = session.get_inputs()
             shape = inputs[0].shape if inputs else []
             if len(shape) != 4 or isinstance(shape[1], int) and shape[1] != 3:
+                model.release()
                 continue  # not an (N, 3, H, W) image model: neither of the two we use
-            if len(session.get_outputs()) in (9, 15) and self.detector is None:
-                self.detector = session
-            elif len(inputs) == 1 and shape[2] == shape[3] == 112 and self.recognizer is None:
-                self.recognizer = session
-        missing = [what for what, s in (("face detector (SCRFD)", self.detector),
-                                        ("recognition model (ArcFace, 112×112)", self.recognizer)) if s is None]
+            if len(session.get_outputs()) in (9, 15) and self.detector_model is None:
+                self.detector_model = model
+            elif len(inputs) == 1 and shape[2] == shape[3] == 112 and self.recognizer_model is None:
+                self.recognizer_model = model
+            else:
+                model.release()
+        missing = [what for what, m in (("face detector (SCRFD)", self.detector_model),
+                                        ("recognition model (ArcFace, 112×112)", self.recognizer_model)) if m is None]
         if missing:
             raise ModelFormatError(f"InsightFace pack '{self.pack.name}' lacks a {' and a '.join(missing)} (its "
                                    "models must take (N, 3, H, W) images); use antelopev2 or buffalo_l")
-        self.provider = self.detector.get_providers()[0]
-        log.info("DreaMoving face ID: onnxruntime %s runs InsightFace pack '%s' on %s", onnxruntime.__version__,
-                 self.pack.name, self.provider)
+        self.models = (self.detector_model, self.recognizer_model)
+        self.provider = self.detector_model.provider
+        log_providers(f"{LABEL} ('{self.pack.name}')", list(self.models))
+
+    @property
+    def detector(self):
+        return self.detector_model.session
+
+    @property
+    def recognizer(self):
+        return self.recognizer_model.session
+
+    def release(self) -> None:
+        """Close the sessions (their memory goes with them); the next use opens them again."""
+        for model in self.models:
+            model.release()
 
     def _run(self, session, blob: np.ndarray) -> list[np.ndarray]:
         """``session`` on ``blob``; a model that does not take it (wrong input size or type) is a bad pack."""
@@ -193,7 +176,7 @@ class FaceAnalyzer:
             points.append(c[:, None] + k)
             scores.append(score[hit, 0])
         boxes, scores, points = (np.concatenate(a) / s for a, s in ((boxes, scale), (scores, 1), (points, scale)))
-        faces = [Face(boxes[i], float(scores[i]), points[i]) for i in _nms(boxes, scores, NMS_THRESHOLD)]
+        faces = [Face(boxes[i], float(scores[i]), points[i]) for i in nms(boxes, scores, NMS_THRESHOLD)]
         return sorted(faces, key=lambda f: f.area, reverse=True)
 
     def identity(self, image: np.ndarray, label: str, crop_size: int = 224) -> FaceIdentity:

@@ -11,30 +11,25 @@ a blank image (zero CLIP ``image_embeds``, a black image's CLIP hidden states, a
 IP-Adapter does, so the guidance scale also amplifies the image condition.
 
 Everything image-dependent is computed once per image (:meth:`ContentSource.keys_values`); sampling only runs the
-attention itself (:func:`decoupled_cross_attention`).
+attention itself (:func:`decoupled_cross_attention`). Every attention call goes through the backend passed in
+(``dreamoving_core.attention``); layers come from ``ops`` (``dreamoving_core.ops``).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from einops import rearrange
 from torch import nn
 
+from ..attention import AttentionFn, sdpa_attention
 from ..errors import InputMismatchError, ModelFormatError
 from ..io import load_state_dict, read_metadata, reading
+from ..ops import TORCH_OPS
 from .format import EMBED_NAMES, ENCODER_NAMES, ProjectionConfig, SourceWeights, parse_guider_state_dict
 
-Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Multi-head softmax attention on ``(B, L, heads·d)`` tensors, returning ``(B, L, heads·d)``."""
-    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    return rearrange(out, "b h n d -> b n (h d)")
 
 
 @dataclass
@@ -47,7 +42,7 @@ class AttentionTerm:
 
 
 def decoupled_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                              terms: Sequence[AttentionTerm] = (), attention: Attention = sdpa_attention,
+                              terms: Sequence[AttentionTerm] = (), attention: AttentionFn = sdpa_attention,
                               text_out: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 1 on projected tensors: ``q``: ``(B, L, C)``; ``k, v``: ``(B, T, C)`` text keys/values.
 
@@ -68,49 +63,50 @@ def decoupled_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 class _FeedForward(nn.Sequential):
     """LayerNorm → Linear → GELU → Linear (keys ``0``, ``1``, ``3``)."""
 
-    def __init__(self, dim: int, mult: int):
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
-                         nn.Linear(dim * mult, dim, bias=False))
+    def __init__(self, dim: int, mult: int, ops=TORCH_OPS):
+        super().__init__(ops.LayerNorm(dim), ops.Linear(dim, dim * mult, bias=False), nn.GELU(),
+                         ops.Linear(dim * mult, dim, bias=False))
 
 
 class _PerceiverAttention(nn.Module):
     """Latents attend to ``[features; latents]`` (keys ``norm1``, ``norm2``, ``to_q``, ``to_kv``, ``to_out``)."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int = 64):
+    def __init__(self, dim: int, heads: int, dim_head: int = 64, ops=TORCH_OPS):
         super().__init__()
         self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * heads * dim_head, bias=False)
-        self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
+        self.norm1, self.norm2 = ops.LayerNorm(dim), ops.LayerNorm(dim)
+        self.to_q = ops.Linear(dim, heads * dim_head, bias=False)
+        self.to_kv = ops.Linear(dim, 2 * heads * dim_head, bias=False)
+        self.to_out = ops.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, latents: torch.Tensor, attention: AttentionFn = sdpa_attention) -> torch.Tensor:
         x, latents = self.norm1(x), self.norm2(latents)
         k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
-        return self.to_out(sdpa_attention(self.to_q(latents), k, v, self.heads))
+        return self.to_out(attention(self.to_q(latents), k, v, self.heads))
 
 
 class _Perceiver(nn.Module):
     """Perceiver resampler: ``proj_in`` features, ``depth`` (attention, feed-forward) blocks on the latents,
     ``proj_out`` + ``norm_out``. With ``tokens`` it owns learned ``latents`` (IP-Adapter plus)."""
 
-    def __init__(self, cfg: ProjectionConfig, learned_latents: bool):
+    def __init__(self, cfg: ProjectionConfig, learned_latents: bool, ops=TORCH_OPS):
         super().__init__()
         if learned_latents:
             self.latents = nn.Parameter(torch.zeros(1, cfg.tokens, cfg.dim))
-        self.proj_in = nn.Linear(cfg.clip_width, cfg.dim)
+        self.proj_in = ops.Linear(cfg.clip_width, cfg.dim)
         self.layers = nn.ModuleList(
-            nn.ModuleList([_PerceiverAttention(cfg.dim, cfg.heads), _FeedForward(cfg.dim, cfg.ff_mult)])
+            nn.ModuleList([_PerceiverAttention(cfg.dim, cfg.heads, ops=ops), _FeedForward(cfg.dim, cfg.ff_mult, ops)])
             for _ in range(cfg.depth))
-        self.proj_out = nn.Linear(cfg.dim, cfg.context_dim)
-        self.norm_out = nn.LayerNorm(cfg.context_dim)
+        self.proj_out = ops.Linear(cfg.dim, cfg.context_dim)
+        self.norm_out = ops.LayerNorm(cfg.context_dim)
 
-    def forward(self, hidden: torch.Tensor, latents: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, latents: torch.Tensor | None = None,
+                attention: AttentionFn = sdpa_attention) -> torch.Tensor:
         x = self.proj_in(hidden)
-        if latents is None:
-            latents = self.latents.expand(hidden.shape[0], -1, -1)
+        if latents is None:  # no layer casts a bare parameter: follow the input (a host may keep it offloaded)
+            latents = self.latents.to(device=x.device, dtype=x.dtype).expand(hidden.shape[0], -1, -1)
         for attn, ff in self.layers:
-            latents = attn(x, latents) + latents
+            latents = attn(x, latents, attention) + latents
             latents = ff(latents) + latents
         return self.norm_out(self.proj_out(latents))
 
@@ -119,38 +115,39 @@ class ImageProjection(nn.Module):
     """Image features → context tokens ``(B, N, context_dim)``, one class for every layout in
     :mod:`dreamoving_core.guider.format` (parameter names match the files)."""
 
-    def __init__(self, cfg: ProjectionConfig):
+    def __init__(self, cfg: ProjectionConfig, ops=TORCH_OPS):
         super().__init__()
         self.cfg = cfg
         if cfg.kind == "linear":
-            self.proj = nn.Linear(cfg.clip_width, cfg.tokens * cfg.context_dim)
-            self.norm = nn.LayerNorm(cfg.context_dim)
+            self.proj = ops.Linear(cfg.clip_width, cfg.tokens * cfg.context_dim)
+            self.norm = ops.LayerNorm(cfg.context_dim)
         elif cfg.kind == "mlp":
-            self.proj = nn.Sequential(nn.Linear(cfg.clip_width, cfg.clip_width), nn.GELU(),
-                                      nn.Linear(cfg.clip_width, cfg.context_dim), nn.LayerNorm(cfg.context_dim))
+            self.proj = nn.Sequential(ops.Linear(cfg.clip_width, cfg.clip_width), nn.GELU(),
+                                      ops.Linear(cfg.clip_width, cfg.context_dim), ops.LayerNorm(cfg.context_dim))
         elif cfg.kind == "resampler":
-            self.resampler = _Perceiver(cfg, learned_latents=True)
+            self.resampler = _Perceiver(cfg, learned_latents=True, ops=ops)
         elif cfg.kind == "faceid":
-            self.proj = nn.Sequential(nn.Linear(cfg.arcface_width, 2 * cfg.arcface_width), nn.GELU(),
-                                      nn.Linear(2 * cfg.arcface_width, cfg.tokens * cfg.context_dim))
-            self.norm = nn.LayerNorm(cfg.context_dim)
+            self.proj = nn.Sequential(ops.Linear(cfg.arcface_width, 2 * cfg.arcface_width), nn.GELU(),
+                                      ops.Linear(2 * cfg.arcface_width, cfg.tokens * cfg.context_dim))
+            self.norm = ops.LayerNorm(cfg.context_dim)
             if cfg.depth:
-                self.perceiver_resampler = _Perceiver(cfg, learned_latents=False)
+                self.perceiver_resampler = _Perceiver(cfg, learned_latents=False, ops=ops)
         else:
             raise ValueError(f"unknown projection kind {cfg.kind!r}")
 
     def load_weights(self, weights: dict[str, torch.Tensor], name: str) -> None:
+        """Take the file's projection weights (as float32; the module may have been built on the meta device)."""
         # The resampler's keys sit at the top level of the file; ours nest it one level down.
         if self.cfg.kind == "resampler":
             weights = {f"resampler.{k}": v for k, v in weights.items()}
         try:
-            self.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
+            self.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True, assign=True)
         except RuntimeError as err:
             raise ModelFormatError(f"'{name}': image projection weights do not fit a {self.cfg.kind} projection "
                                    f"({str(err).splitlines()[0]})") from err
 
     def forward(self, clip: torch.Tensor | None, arcface: torch.Tensor | None = None,
-                shortcut_scale: float = 1.0) -> torch.Tensor:
+                shortcut_scale: float = 1.0, attention: AttentionFn = sdpa_attention) -> torch.Tensor:
         """``clip``: ``(B, E)`` image_embeds or ``(B, T, W)`` hidden states; ``arcface``: ``(B, 512)``."""
         cfg = self.cfg
         if cfg.kind == "linear":
@@ -158,12 +155,12 @@ class ImageProjection(nn.Module):
         if cfg.kind == "mlp":
             return self.proj(clip)
         if cfg.kind == "resampler":
-            return self.resampler(clip)
+            return self.resampler(clip, attention=attention)
         identity = self.norm(rearrange(self.proj(arcface), "b (n c) -> b n c", c=cfg.context_dim))
         if not cfg.depth:
             return identity
         # FaceID-Plus v2: identity tokens refined by CLIP features of the aligned face, with a shortcut.
-        return identity + shortcut_scale * self.perceiver_resampler(clip, identity)
+        return identity + shortcut_scale * self.perceiver_resampler(clip, identity, attention)
 
 
 # ------------------------------------------------------------------------------------------------------------ sources
@@ -216,13 +213,16 @@ class ContentKV:
 class ContentSource(nn.Module):
     """One image source of Eq. 1 (face or cloth): image projection and per-layer ``to_k`` / ``to_v``."""
 
-    def __init__(self, weights: SourceWeights, name: str):
+    def __init__(self, weights: SourceWeights, name: str, ops=TORCH_OPS):
         super().__init__()
         self.name = name
-        self.projection = ImageProjection(weights.projection)
+        with torch.device("meta"):  # the weights come from the file
+            self.projection = ImageProjection(weights.projection, ops)
+            self.to_k = nn.ModuleList(ops.Linear(w.shape[1], w.shape[0], bias=False) for w in weights.to_k)
+            self.to_v = nn.ModuleList(ops.Linear(w.shape[1], w.shape[0], bias=False) for w in weights.to_v)
         self.projection.load_weights(weights.projection_weights, name)
-        self.to_k = nn.ModuleList(_linear(w) for w in weights.to_k)
-        self.to_v = nn.ModuleList(_linear(w) for w in weights.to_v)
+        for layer, weight in (*zip(self.to_k, weights.to_k), *zip(self.to_v, weights.to_v)):
+            layer.load_state_dict({"weight": weight.float()}, assign=True)
 
     @property
     def config(self) -> ProjectionConfig:
@@ -256,29 +256,26 @@ class ContentSource(nn.Module):
                                      f"Load the {cfg.encoder_name} image encoder this adapter was trained with")
 
     @torch.no_grad()
-    def tokens(self, features: ImageFeatures, shortcut_scale: float = 1.0) -> torch.Tensor:
-        """Context tokens ``(1, n·N, C)`` of ``n`` reference images (their tokens side by side)."""
+    def tokens(self, features: ImageFeatures, shortcut_scale: float = 1.0,
+               attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+        """Context tokens ``(1, n·N, C)`` of ``n`` reference images (their tokens side by side), computed in the
+        weights' dtype on the features' device."""
         clip = features.image_embeds if self.config.clip_input == "image_embeds" else features.penultimate_hidden_states
-        arcface = features.arcface
-        tokens = self.projection(None if clip is None else clip.float(),
-                                 None if arcface is None else arcface.float(), shortcut_scale)
+        dtype = self.to_k[0].weight.dtype
+        tokens = self.projection(*(None if x is None else x.to(dtype) for x in (clip, features.arcface)),
+                                 shortcut_scale, attention)
         return rearrange(tokens, "n t c -> 1 (n t) c")
 
     @torch.no_grad()
     def keys_values(self, features: ImageFeatures, blank: ImageFeatures, what: str = "image",
-                    shortcut_scale: float = 1.0) -> ContentKV:
-        """Per-layer keys/values of the reference ``features`` (cond) and of ``blank`` (uncond)."""
+                    shortcut_scale: float = 1.0, attention: AttentionFn = sdpa_attention) -> ContentKV:
+        """Per-layer keys/values of the reference ``features`` (cond) and of ``blank`` (uncond), on the features'
+        device."""
         self.check_features(features, what)
-        cond = self.tokens(features, shortcut_scale)
-        uncond = self.tokens(blank, shortcut_scale)
+        cond = self.tokens(features, shortcut_scale, attention)
+        uncond = self.tokens(blank, shortcut_scale, attention)
         both = torch.cat([cond, uncond.repeat(1, cond.shape[1] // uncond.shape[1], 1)])
         return ContentKV([layer(both) for layer in self.to_k], [layer(both) for layer in self.to_v])
-
-
-def _linear(weight: torch.Tensor) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-    layer.weight.data.copy_(weight.float())
-    return layer
 
 
 class ContentGuider(nn.Module):
@@ -313,12 +310,13 @@ def _summary(dims: Sequence[int]) -> str:
     return "/".join(str(d) for d in dict.fromkeys(dims))
 
 
-def load_content_guider(path: str | os.PathLike) -> ContentGuider:
-    """Load a DreaMoving Content Guider or SD1.5 IP-Adapter file (``.safetensors`` or weights-only ``.bin``)."""
+def load_content_guider(path: str | os.PathLike, ops=TORCH_OPS) -> ContentGuider:
+    """Load a DreaMoving Content Guider or SD1.5 IP-Adapter file (``.safetensors`` or weights-only ``.bin``) in
+    float32 on the CPU, built from ``ops`` (``dreamoving_core.ops``)."""
     name = os.path.basename(os.fspath(path))
     sd = load_state_dict(path)
     with reading(name, "Content Guider or IP-Adapter"):
         parsed = parse_guider_state_dict(sd, name, read_metadata(path))
         return ContentGuider(name, parsed.format,
-                             {slot: ContentSource(w, name) for slot, w in parsed.sources.items()})
+                             {slot: ContentSource(w, name, ops) for slot, w in parsed.sources.items()})
 

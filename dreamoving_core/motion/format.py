@@ -8,7 +8,14 @@ Accepted (SD1.5 motion modules, ``.ckpt``/``.pt``/``.pth`` read with ``weights_o
 - **AnimateDiff v3** (``v3_sd15_mm.ckpt``): as v1 with 32 positions;
 - **DreaMoving** (ours, safetensors only): ``down_blocks.<level>.<j>.<block key>``, ``mid_block.<block key>``,
   ``up_blocks.<level>.<j>.<block key>`` (exactly ``MotionModule.state_dict()``), 64 positions by default, metadata
-  ``format = "dreamoving_motion_module"``, ``version = "1"``, ``motion_config = <JSON of MotionModuleConfig>``.
+  ``format = "dreamoving_motion_module"``, ``version = "1"``, ``motion_config = <JSON of MotionModuleConfig>``;
+- **diffusers** (``MotionAdapter.save_pretrained``: ``diffusion_pytorch_model.safetensors`` + ``config.json``, the
+  layout of the AnimateDiff repositories on the Hugging Face hub such as ``guoyww/animatediff-motion-adapter-v1-5-2``):
+  ``{down,up}_blocks.<level>.motion_modules.<j>.<diffusers key>`` and ``mid_block.motion_modules.0.<diffusers key>``,
+  where a diffusers key drops ``temporal_transformer.`` and names the parts as diffusers' ``BasicTransformerBlock``
+  does (``norms.0/1`` → ``norm1/2``, ``ff_norm`` → ``norm3``, ``attention_blocks.0/1`` → ``attn1/2``) with one
+  ``transformer_blocks.<k>.pos_embed.pe`` shared by both attention blocks. Its version (v1/v2/v3) follows the same
+  rule as AnimateDiff files; heads and norm groups come from the ``config.json`` beside the file when there is one.
 
 ``<block key>`` is a ``MotionBlock`` key: ``temporal_transformer.{norm,proj_in,proj_out}.{weight,bias}``,
 ``temporal_transformer.transformer_blocks.<k>.attention_blocks.<a>.{to_q,to_k,to_v}.weight``,
@@ -38,11 +45,19 @@ FORMAT_NAME = "dreamoving_motion_module"
 FORMAT_VERSION = "1"
 FORMATS = ("v1", "v2", "v3", "dreamoving")
 ANIMATEDIFF_POSITIONS = {"v1": 24, "v2": 32, "v3": 32}
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 _ANIMATEDIFF_KEY = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.motion_modules\.(\d+)\.(temporal_transformer\..+)$")
 _ANIMATEDIFF_MID_KEY = re.compile(r"^mid_block\.motion_modules\.0\.(temporal_transformer\..+)$")
 _NATIVE_KEY = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(\d+)\.(temporal_transformer\..+)$")
 _NATIVE_MID_KEY = re.compile(r"^mid_block\.(temporal_transformer\..+)$")
+_DIFFUSERS_KEY = re.compile(r"^(?:(down_blocks|up_blocks)\.(\d+)|mid_block)\.motion_modules\.(\d+)\."
+                            r"((?:norm|proj_in|proj_out|transformer_blocks)\..+)$")
+# diffusers' BasicTransformerBlock names -> AnimateDiff's, inside transformer_blocks.<k>.
+_DIFFUSERS_PARTS = {"norm1.": "norms.0.", "norm2.": "norms.1.", "norm3.": "ff_norm.", "attn1.": "attention_blocks.0.",
+                    "attn2.": "attention_blocks.1.", "ff.": "ff."}
+_NATIVE_PARTS = {ours: theirs for theirs, ours in _DIFFUSERS_PARTS.items()}
+_BLOCK_PART = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 _SUGGESTION = "load an SD1.5 motion module such as mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt or a DreaMoving motion module"
 
 
@@ -68,6 +83,61 @@ def to_animatediff_key(key: str) -> str:
 def animatediff_state_dict(module: MotionModule) -> dict[str, torch.Tensor]:
     """``module``'s weights under AnimateDiff's key names (the layout of ``mm_sd_v15_v2.ckpt``)."""
     return {to_animatediff_key(k): v for k, v in module.state_dict().items()}
+
+
+def is_diffusers_layout(keys: Iterable[str]) -> bool:
+    """Whether motion-module keys are in diffusers' ``MotionAdapter`` layout."""
+    return any(_DIFFUSERS_KEY.match(k) for k in keys)
+
+
+def from_diffusers_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers ``MotionAdapter`` state dict under ``MotionModule.state_dict()`` names (other keys dropped).
+
+    Each transformer block's one ``pos_embed.pe`` becomes the ``pos_encoder.pe`` of both its attention blocks (the
+    same fixed table in AnimateDiff's files)."""
+    out = {}
+    for key, value in sd.items():
+        m = _DIFFUSERS_KEY.match(key)
+        if m is None:
+            continue
+        kind, level, j, rest = m.groups()
+        if kind is None and j != "0":
+            continue  # diffusers' optional extra middle layers have no AnimateDiff counterpart
+        prefix = f"{kind}.{level}.{j}.temporal_transformer." if kind else "mid_block.temporal_transformer."
+        block = _BLOCK_PART.match(rest)
+        if block is None:
+            out[prefix + rest] = value
+            continue
+        k, part = block.groups()
+        if part == "pos_embed.pe":
+            for a in range(2):
+                out[f"{prefix}transformer_blocks.{k}.attention_blocks.{a}.pos_encoder.pe"] = value
+            continue
+        old = next((o for o in _DIFFUSERS_PARTS if part.startswith(o)), None)
+        if old is not None:
+            out[f"{prefix}transformer_blocks.{k}.{_DIFFUSERS_PARTS[old]}{part[len(old):]}"] = value
+    return out
+
+
+def diffusers_state_dict(module: MotionModule) -> dict[str, torch.Tensor]:
+    """``module``'s weights in diffusers' ``MotionAdapter`` layout (inverse of ``from_diffusers_state_dict``)."""
+    out = {}
+    for key, value in module.state_dict().items():
+        kind, rest = key.split(".temporal_transformer.", 1)
+        parts = kind.split(".")
+        prefix = ("mid_block.motion_modules.0." if parts[0] == "mid_block"
+                  else f"{parts[0]}.{parts[1]}.motion_modules.{parts[2]}.")
+        block = _BLOCK_PART.match(rest)
+        if block is None:
+            out[prefix + rest] = value
+            continue
+        k, part = block.groups()
+        if part.startswith("attention_blocks.") and part.endswith(".pos_encoder.pe"):
+            out[f"{prefix}transformer_blocks.{k}.pos_embed.pe"] = value  # one table per block in diffusers
+            continue
+        ours = next(o for o in _NATIVE_PARTS if part.startswith(o))
+        out[f"{prefix}transformer_blocks.{k}.{_NATIVE_PARTS[ours]}{part[len(ours):]}"] = value
+    return out
 
 
 def _strip_training_prefix(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -123,11 +193,10 @@ def _native_weights(sd: Mapping[str, torch.Tensor], name: str) -> tuple[str, dic
     native = {k: v for k, v in sd.items() if _NATIVE_KEY.match(k) or _NATIVE_MID_KEY.match(k)}
     if native:
         return "dreamoving", native
-    converted = {}
-    for key, value in sd.items():
-        new_key = from_animatediff_key(key)
-        if new_key is not None:
-            converted[new_key] = value
+    if is_diffusers_layout(sd):
+        converted = from_diffusers_state_dict(sd)
+    else:
+        converted = {new: value for key, value in sd.items() if (new := from_animatediff_key(key)) is not None}
     if not any(".pos_encoder.pe" in k for k in converted):
         raise ModelFormatError(f"'{name}' is a motion module without positional encoding (AnimateLCM-style), "
                                f"which this pack does not support; {_SUGGESTION}")
@@ -240,10 +309,31 @@ def _safetensors_keys(path: Path) -> list[str] | None:
         return None
 
 
+def _adapter_config(path: Path) -> dict[str, str]:
+    """The heads and norm groups of a diffusers ``MotionAdapter`` from the ``config.json`` beside ``path``, as
+    ``motion_config`` metadata (``{}`` without such a file)."""
+    config_path = path.parent / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict) or config.get("_class_name") != "MotionAdapter":
+        return {}
+    heads = config.get("motion_num_attention_heads", 8)
+    if isinstance(heads, list):
+        if len(set(heads)) != 1:
+            raise ModelFormatError(f"'{path.name}': its config.json gives different attention heads per level "
+                                   f"({heads}), which SD1.5 motion modules do not have")
+        heads = heads[0]
+    return {"motion_config": json.dumps({"num_heads": int(heads),
+                                         "norm_groups": int(config.get("motion_norm_num_groups", 32))})}
+
+
 def load_motion_module(path: str | os.PathLike, *, positional_length: int | None = None,
                        pe_extension: PeExtension = "sinusoid", ops=TORCH_OPS,
                        dtype: torch.dtype | None = None) -> MotionModule:
-    """Load an AnimateDiff v1/v2/v3 or DreaMoving motion module file (format detected from its keys).
+    """Load an AnimateDiff v1/v2/v3, diffusers ``MotionAdapter`` or DreaMoving motion module file (format detected
+    from its keys).
 
     Pickle files are read with ``weights_only=True``; a file carrying code is refused. Raises ``ModelFormatError``
     naming the file for anything that is not a complete SD1.5 motion module. See ``motion_module_from_state_dict``
@@ -254,7 +344,7 @@ def load_motion_module(path: str | os.PathLike, *, positional_length: int | None
     if keys is not None:
         _refuse_other_models(_strip_training_prefix(dict.fromkeys(keys)), path.name)
     sd = load_state_dict(path)
-    metadata = read_metadata(path)
+    metadata = {**read_metadata(path), **_adapter_config(path)}
     return motion_module_from_state_dict(sd, path.name, positional_length=positional_length,
                                          pe_extension=pe_extension, metadata=metadata, ops=ops, dtype=dtype)
 
@@ -269,3 +359,29 @@ def save_motion_module(module: MotionModule, path: str | os.PathLike,
     info = dict(metadata or {})
     info.update(format=FORMAT_NAME, version=FORMAT_VERSION, motion_config=json.dumps(asdict(module.config)))
     save_state_dict(module.state_dict(), path, metadata=info)
+
+
+def save_motion_adapter(module: MotionModule, folder: str | os.PathLike) -> Path:
+    """Export ``module`` as a diffusers ``MotionAdapter`` folder (``config.json`` + ``diffusion_pytorch_model.
+    safetensors``, what ``MotionAdapter.from_pretrained(folder)`` reads); returns the weights file.
+
+    diffusers' adapter has two attention blocks per transformer block, one more layer per up level than per down
+    level and a 4x feed-forward; other shapes raise ``ValueError``."""
+    config = module.config
+    if config.attention_blocks != 2 or config.up_layers != config.down_layers + 1 or config.ff_mult != 4:
+        raise ValueError(f"a diffusers MotionAdapter has 2 attention blocks, down_layers + 1 up layers and ff_mult 4; "
+                         f"this module has {config.attention_blocks}, {config.up_layers} (down {config.down_layers}) "
+                         f"and {config.ff_mult}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    adapter_config = {
+        "_class_name": "MotionAdapter", "block_out_channels": list(config.channels),
+        "motion_layers_per_block": config.down_layers, "motion_transformer_layers_per_block": config.transformer_layers,
+        "motion_mid_block_layers_per_block": 1, "motion_transformer_layers_per_mid_block": config.transformer_layers,
+        "motion_num_attention_heads": config.num_heads, "motion_norm_num_groups": config.norm_groups,
+        "motion_max_seq_length": config.positional_length, "use_motion_mid_block": config.mid_block,
+        "conv_in_channels": None}
+    (folder / "config.json").write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
+    weights = folder / DIFFUSERS_WEIGHTS
+    save_state_dict(diffusers_state_dict(module), weights)
+    return weights

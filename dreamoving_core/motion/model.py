@@ -25,8 +25,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from ..attention import AttentionFn, sdpa_attention
 from ..errors import InputMismatchError
-from ..unet.blocks import TORCH_OPS, FeedForward
+from ..ops import TORCH_OPS
+from ..unet.blocks import FeedForward
+from ..unet.topology import Layout, module_layout
 
 DEFAULT_POSITIONAL_LENGTH = 64
 PE_EXTENSIONS = ("sinusoid", "interpolate")
@@ -78,7 +81,8 @@ class MotionModuleConfig:
     ``channels`` are the U-Net's widths per level, outermost first (SD1.5: 320, 640, 1280, 1280). Each down level
     holds ``down_layers`` motion blocks (one per res layer) and each up level ``up_layers`` (res layers + 1).
     ``up_blocks[0]`` is the innermost up level, as in the U-Net's decoder order. ``version`` names the source
-    format (``"v1"``, ``"v2"``, ``"v3"``, ``"dreamoving"``); it does not change the maths.
+    format (``"v1"``, ``"v2"``, ``"v3"``, ``"dreamoving"``); it does not change the motion blocks' maths, only how
+    the U-Net around them normalises (``unet_norms_span_frames``).
     """
 
     channels: tuple[int, ...] = (320, 640, 1280, 1280)
@@ -96,6 +100,12 @@ class MotionModuleConfig:
     @property
     def mid_channels(self) -> int:
         return self.channels[-1]
+
+    @property
+    def unet_norms_span_frames(self) -> bool:
+        """AnimateDiff v1 was trained in a U-Net whose ResBlock and output group norms take their statistics over all
+        frames of a video (its "inflated" 3D U-Net without ``use_inflated_groupnorm``); v2, v3 and ours per frame."""
+        return self.version == "v1"
 
 
 class PositionalEncoding(nn.Module):
@@ -127,12 +137,9 @@ class TemporalSelfAttention(nn.Module):
         self.to_out = nn.Sequential(ops.Linear(channels, channels), nn.Dropout(0.0))
         self.pos_encoder = PositionalEncoding(channels, positional_length)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention: AttentionFn = sdpa_attention) -> torch.Tensor:
         x = self.pos_encoder(x)
-        q, k, v = (rearrange(proj(x), "n f (h d) -> n h f d", h=self.num_heads)
-                   for proj in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(rearrange(out, "n h f d -> n f (h d)"))
+        return self.to_out(attention(self.to_q(x), self.to_k(x), self.to_v(x), self.num_heads))
 
 
 class TemporalTransformerBlock(nn.Module):
@@ -147,9 +154,9 @@ class TemporalTransformerBlock(nn.Module):
         self.ff = FeedForward(channels, config.ff_mult, ops)
         self.ff_norm = ops.LayerNorm(channels)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for attention, norm in zip(self.attention_blocks, self.norms):
-            x = attention(norm(x)) + x
+    def forward(self, x: torch.Tensor, attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+        for block, norm in zip(self.attention_blocks, self.norms):
+            x = block(norm(x), attention) + x
         return self.ff(self.ff_norm(x)) + x
 
 
@@ -170,13 +177,14 @@ class TemporalTransformer(nn.Module):
         nn.init.zeros_(self.proj_out.weight)
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, num_frames: int,
+                attention: AttentionFn = sdpa_attention) -> torch.Tensor:
         _, _, height, width = hidden_states.shape
         x = self.norm(hidden_states)
         x = rearrange(x, "(b f) c h w -> (b h w) f c", f=num_frames)
         x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x)
+            x = block(x, attention)
         x = self.proj_out(x)
         return rearrange(x, "(b h w) f c -> (b f) c h w", h=height, w=width)
 
@@ -184,9 +192,10 @@ class TemporalTransformer(nn.Module):
 class MotionBlock(nn.Module):
     """One AnimateDiff motion module (``motion_modules.N`` in AnimateDiff files), inserted after a U-Net layer.
 
-    ``forward(hidden_states (B·F, C, H, W), num_frames, scale) -> (B·F, C, H, W)`` returns
+    ``forward(hidden_states (B·F, C, H, W), num_frames, scale, attention) -> (B·F, C, H, W)`` returns
     ``hidden_states + scale * temporal_residual``; ``scale == 0`` returns the input untouched (bit-exact).
-    Frames of different videos in the batch (e.g. cond and uncond) never attend to each other.
+    Frames of different videos in the batch (e.g. cond and uncond) never attend to each other. ``attention``: the
+    backend (``dreamoving_core.attention``).
     """
 
     def __init__(self, channels: int, config: MotionModuleConfig | None = None, ops=TORCH_OPS):
@@ -199,7 +208,8 @@ class MotionBlock(nn.Module):
     def positional_length(self) -> int:
         return self.temporal_transformer.transformer_blocks[0].attention_blocks[0].pos_encoder.pe.shape[1]
 
-    def forward(self, hidden_states: torch.Tensor, num_frames: int, scale: float = 1.0) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, num_frames: int, scale: float = 1.0,
+                attention: AttentionFn = sdpa_attention) -> torch.Tensor:
         if scale == 0:
             return hidden_states
         if hidden_states.ndim != 4 or hidden_states.shape[1] != self.channels:
@@ -208,7 +218,7 @@ class MotionBlock(nn.Module):
         if num_frames < 1 or hidden_states.shape[0] % num_frames:
             raise InputMismatchError(f"a batch of {hidden_states.shape[0]} feature maps does not split into videos of "
                                      f"{num_frames} frames")
-        residual = self.temporal_transformer(hidden_states, num_frames)
+        residual = self.temporal_transformer(hidden_states, num_frames, attention)
         if scale == 1:
             return hidden_states + residual
         return hidden_states + scale * residual
@@ -230,6 +240,11 @@ class MotionModule(nn.Module):
         self.up_blocks = nn.ModuleList(
             nn.ModuleList(MotionBlock(c, config, ops) for _ in range(config.up_layers))
             for c in reversed(config.channels))
+
+    @property
+    def layout(self) -> Layout:
+        """The widths of the U-Net sites this module's blocks are made for (``unet.topology``)."""
+        return module_layout(self.down_blocks, self.mid_block, self.up_blocks)
 
     def blocks(self) -> list[MotionBlock]:
         """Every motion block, in U-Net execution order (down, mid, up)."""

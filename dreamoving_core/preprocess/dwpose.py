@@ -9,12 +9,11 @@ letterbox to the detector size padded with grey 114 (raw 0..255 pixels), candida
 boxes above 0.3; crops of the box grown by 1.25 at the estimator's aspect ratio, ImageNet mean/std normalisation;
 keypoints below 0.3 dropped. Images are RGB, as the annotator feeds both models.
 
-onnxruntime is imported and sessions are created on first use only, cached per file, on the CUDA provider when it
-is available and actually initialises, else on the CPU; one log line names the provider in use.
+Each ``DWPose`` owns its two sessions (``dreamoving_core.onnx_sessions``: opened on first use on CUDA when it is
+available and actually starts, else on the CPU; dropped by ``release()``); one log line names the providers in use.
 """
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -22,22 +21,21 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..detection import nms
 from ..errors import InputMismatchError, ModelFormatError
 from ..io import first_line
+from ..onnx_sessions import OnnxModel, log_providers, open_session
 from .pose import PoseFrame, from_wholebody
-
-log = logging.getLogger("dreamoving.dwpose")
 
 DETECTOR_FILE = "yolox_l.onnx"
 ESTIMATOR_FILE = "dw-ll_ucoco_384.onnx"
-CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 PERSON_CLASS = 0
 LETTERBOX_FILL = 114
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
+LABEL = "DWPose"
 
-_sessions: dict[tuple, object] = {}
-_logged_providers: set[str] = set()
+onnx_session = open_session  # the name this module published first
 
 
 @dataclass(frozen=True)
@@ -50,45 +48,6 @@ class DWPoseConfig:
     box_padding: float = 1.25  # crop = box grown by this factor
     keypoint_threshold: float = 0.3  # keypoints kept
     simcc_split_ratio: float = 2.0  # SimCC bins per input pixel
-
-
-def onnx_session(path: str | os.PathLike, device: str = "auto"):
-    """A cached onnxruntime ``InferenceSession`` for ``path``.
-
-    device: ``"auto"`` (CUDA when listed and it initialises, else CPU), ``"cuda"`` (same, but a warning when it
-    falls back) or ``"cpu"``. The provider actually used is logged once per process.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise ModelFormatError(f"ONNX model '{path}' does not exist")
-    key = (os.path.realpath(path), os.path.getmtime(path), device)
-    if key in _sessions:
-        return _sessions[key]
-    import onnxruntime as ort
-
-    want_cuda = device != "cpu" and CUDA in ort.get_available_providers()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # onnxruntime's own warnings (e.g. a failed CUDA init) are summarised below
-    session = None
-    if want_cuda:
-        try:
-            session = ort.InferenceSession(path, options, providers=[CUDA, CPU])
-        except Exception as err:  # a CUDA provider that is listed but cannot start (driver, cuDNN missing)
-            log.warning("DWPose: the CUDA provider failed to start (%s); using the CPU", err)
-    if session is None:
-        try:
-            session = ort.InferenceSession(path, options, providers=[CPU])
-        except Exception as err:
-            raise ModelFormatError(f"'{os.path.basename(path)}' is not a loadable ONNX model ({first_line(err)}); "
-                                   "the file may be truncated or corrupt: download it again") from err
-    used = session.get_providers()[0]
-    if device == "cuda" and used != CUDA:
-        log.warning("DWPose: CUDA was requested but onnxruntime runs on %s", used)
-    if used not in _logged_providers:
-        _logged_providers.add(used)
-        log.info("DWPose: onnxruntime runs on %s", used)
-    _sessions[key] = session
-    return session
 
 
 def _input_hw(session, default: tuple[int, int]) -> tuple[int, int]:
@@ -177,22 +136,6 @@ def decode_yolox(output: np.ndarray, size: tuple[int, int], strides: tuple[int, 
     return boxes, output[:, 4] * output[:, 5 + PERSON_CLASS]
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
-    """Greedy non-maximum suppression; indices of kept boxes, best first. Areas use the +1 pixel convention."""
-    x1, y1, x2, y2 = boxes.T
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort()[::-1]
-    keep = []
-    while order.size:
-        i, rest = order[0], order[1:]
-        keep.append(i)
-        iw = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]) + 1)
-        ih = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]) + 1)
-        inter = iw * ih
-        order = rest[inter / (areas[i] + areas[rest] - inter) <= iou_threshold]
-    return np.array(keep, dtype=np.int64)
-
-
 def crop_affine(box: np.ndarray, input_wh: tuple[int, int], padding: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The crop of person ``box`` ``(x1, y1, x2, y2)`` for an estimator input ``input_wh`` = (w, h).
 
@@ -221,7 +164,8 @@ def decode_simcc(simcc_x: np.ndarray, simcc_y: np.ndarray, split_ratio: float = 
 
 
 class DWPose:
-    """The two-stage whole-body estimator on two ONNX files; sessions open on first call.
+    """The two-stage whole-body estimator on two ONNX files; its sessions open on first call, ``release()`` closes
+    them (they reopen when next used).
 
     >>> frame = DWPose("yolox_l.onnx", "dw-ll_ucoco_384.onnx")(rgb_uint8_hw3)   # PoseFrame
     """
@@ -230,23 +174,35 @@ class DWPose:
                  config: DWPoseConfig = DWPoseConfig()):
         self.detector_path, self.estimator_path = os.fspath(detector_path), os.fspath(estimator_path)
         self.device, self.config = device, config
+        self.models = (OnnxModel(detector_path, device, LABEL), OnnxModel(estimator_path, device, LABEL))
+        self._logged = False
+
+    def _session(self, model: OnnxModel, check: Callable) -> object:
+        session = model.session
+        check(session, model.name)
+        if not self._logged and all(m.is_open for m in self.models):
+            log_providers(LABEL, list(self.models))
+            self._logged = True
+        return session
 
     @property
     def detector(self):
-        session = onnx_session(self.detector_path, self.device)
-        _check_detector(session, os.path.basename(self.detector_path))
-        return session
+        return self._session(self.models[0], _check_detector)
 
     @property
     def estimator(self):
-        session = onnx_session(self.estimator_path, self.device)
-        _check_estimator(session, os.path.basename(self.estimator_path))
-        return session
+        return self._session(self.models[1], _check_estimator)
 
     @property
     def providers(self) -> list[str]:
         """Providers the two sessions run on (detector first)."""
         return [self.detector.get_providers()[0], self.estimator.get_providers()[0]]
+
+    def release(self) -> None:
+        """Close both sessions (their memory goes with them); the next call opens them again."""
+        for model in self.models:
+            model.release()
+        self._logged = False
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         """Person boxes ``(N, 4)`` ``(x1, y1, x2, y2)`` in pixels of ``image`` ``(H, W, 3)`` uint8 RGB."""

@@ -7,6 +7,10 @@ aspect-keeping resize to multiples of 32, normalisation); the depth comes back r
 padding cut off, as transformers' post-processing does. The hint follows the ControlNet depth annotator: depth between its 2nd and 85th
 percentiles is mapped to 1..0, so near is bright; by default the percentiles are shared by the whole video so the
 brightness of a still background does not flicker.
+
+The model's plain ``torch.nn`` layers are given the ``ops`` classes after transformers builds it
+(``dreamoving_core.ops.adopt_ops``), so a host can cast and offload them like its own; every call loads the folder
+(nothing is cached between calls).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 from ..errors import ModelFormatError
 from ..images import rgb_frames
 from ..io import first_line, verify_weights_file
+from ..ops import TORCH_OPS, adopt_ops
 
 NEAR_PERCENTILE, FAR_PERCENTILE = 2.0, 85.0
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the one transformers reads first, first
@@ -27,7 +32,7 @@ QUANTILE_SAMPLES = 4_000_000  # torch.quantile refuses inputs over 16M elements;
 
 @dataclass
 class ZoeDepth:
-    """A loaded ZoeDepth model and its image processor."""
+    """A loaded ZoeDepth model and its image processor; frames run on ``device`` in ``dtype``."""
 
     model: torch.nn.Module
     processor: object
@@ -115,18 +120,11 @@ def _check_folder(folder: str) -> None:
         raise ModelFormatError(f"ZoeDepth folder '{os.path.basename(folder)}': {err}") from err
 
 
-_cache: dict[tuple, ZoeDepth] = {}
-
-
 def load_zoedepth(folder: str | os.PathLike, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> ZoeDepth:
-    """Load ZoeDepth from a local transformers folder; the last loaded model is kept for the next call."""
+                  dtype: torch.dtype = torch.float32, ops=TORCH_OPS) -> ZoeDepth:
+    """Load ZoeDepth from a local transformers folder onto ``device`` in ``dtype``, its layers from ``ops``."""
     folder = os.fspath(folder)
     _check_folder(folder)
-    device = torch.device(device)
-    key = (os.path.realpath(folder), os.path.getmtime(os.path.join(folder, "config.json")), str(device), dtype)
-    if key in _cache:
-        return _cache[key]
     from transformers import ZoeDepthForDepthEstimation, ZoeDepthImageProcessor
 
     try:
@@ -138,6 +136,6 @@ def load_zoedepth(folder: str | os.PathLike, device: torch.device | str = "cpu",
     except Exception as err:  # transformers raises OSError, ValueError, RuntimeError, its own errors...
         raise ModelFormatError(f"could not load ZoeDepth from '{folder}' ({first_line(err)}); download the "
                                "folder again from huggingface.co/Intel/zoedepth-nyu-kitti") from err
-    _cache.clear()
-    _cache[key] = ZoeDepth(model.to(device, dtype).eval(), processor, device, dtype)
-    return _cache[key]
+    device = torch.device(device)
+    model = adopt_ops(model, ops).to(device, dtype).eval().requires_grad_(False)
+    return ZoeDepth(model, processor, device, dtype)

@@ -4,20 +4,22 @@ Parameter names follow the LDM / ControlNet checkpoints (``in_layers.2.weight``,
 ``op.weight``, ...), so a ``control_model.*`` state dict loads into modules built from these blocks without any key
 translation. Only what the ControlNet encoder half needs is here: timestep embedding, ResBlock, SpatialTransformer
 (self-attention, cross-attention, GEGLU feed-forward), Downsample and the small conv helpers.
+
+Layers come from ``ops`` (``dreamoving_core.ops``: ``torch.nn`` by default, a host's casting layers in ComfyUI) and
+attention from the ``attention`` backend passed per call (``dreamoving_core.attention``).
 """
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-TORCH_OPS = SimpleNamespace(Linear=nn.Linear, GroupNorm=nn.GroupNorm, LayerNorm=nn.LayerNorm)
-"""The layer classes blocks are built from. Hosts may pass their own with the same constructors (ComfyUI's
-``comfy.ops.manual_cast`` casts weights to the input's device and dtype on the fly)."""
+from ..attention import AttentionFn, sdpa_attention
+from ..ops import TORCH_OPS
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -31,18 +33,18 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return embedding
 
 
-def group_norm(channels: int, eps: float = 1e-5) -> nn.GroupNorm:
+def group_norm(channels: int, eps: float = 1e-5, ops=TORCH_OPS) -> nn.GroupNorm:
     """The 32-group normalisation every SD block uses."""
-    return nn.GroupNorm(32, channels, eps=eps)
+    return ops.GroupNorm(32, channels, eps=eps)
 
 
-def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1, ops=TORCH_OPS) -> nn.Conv2d:
+    return ops.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
 
 
-def zero_conv(in_channels: int, out_channels: int | None = None, kernel_size: int = 1) -> nn.Conv2d:
+def zero_conv(in_channels: int, out_channels: int | None = None, kernel_size: int = 1, ops=TORCH_OPS) -> nn.Conv2d:
     """A convolution initialised to zero (ControlNet's outputs, silent until trained); 1x1 by default."""
-    conv = nn.Conv2d(in_channels, out_channels or in_channels, kernel_size, padding=kernel_size // 2)
+    conv = ops.Conv2d(in_channels, out_channels or in_channels, kernel_size, padding=kernel_size // 2)
     nn.init.zeros_(conv.weight)
     nn.init.zeros_(conv.bias)
     return conv
@@ -56,38 +58,47 @@ class TimestepBlock(nn.Module):
 
 
 class ContextBlock(nn.Module):
-    """A block that also takes the text context ``context: (N, L, D)``."""
+    """A block that also takes the text context ``context: (N, L, D)`` and the attention backend."""
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+    def forward(self, x: torch.Tensor, context: torch.Tensor,
+                attention: AttentionFn = sdpa_attention) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """``nn.Sequential`` that hands ``emb`` to ResBlocks and ``context`` to transformers (LDM's container, so child
-    indices, and with them the checkpoint keys, stay ``input_blocks.N.M``)."""
+    """``nn.Sequential`` that hands ``emb`` to ResBlocks and ``context`` (and ``attention``) to transformers (LDM's
+    container, so child indices, and with them the checkpoint keys, stay ``input_blocks.N.M``)."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        for layer in self:
-            if isinstance(layer, TimestepBlock):
-                x = layer(x, emb)
-            elif isinstance(layer, ContextBlock):
-                x = layer(x, context)
-            else:
-                x = layer(x)
-        return x
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+        return run_layers(self, x, emb, context, attention)
+
+
+def run_layers(layers: Iterable[nn.Module], x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+               attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+    """Run ``layers`` in order as ``TimestepEmbedSequential`` does (a part of a block, e.g. up to a motion block)."""
+    for layer in layers:
+        if isinstance(layer, TimestepBlock):
+            x = layer(x, emb)
+        elif isinstance(layer, ContextBlock):
+            x = layer(x, context, attention)
+        else:
+            x = layer(x)
+    return x
 
 
 class ResBlock(TimestepBlock):
     """LDM residual block: ``(N, C_in, H, W), emb (N, E) -> (N, C_out, H, W)``."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None):
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None, ops=TORCH_OPS):
         super().__init__()
         out_channels = out_channels or channels
-        self.in_layers = nn.Sequential(group_norm(channels), nn.SiLU(), conv3x3(channels, out_channels))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
-        self.out_layers = nn.Sequential(group_norm(out_channels), nn.SiLU(), nn.Dropout(0.0),
-                                        conv3x3(out_channels, out_channels))
-        self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
+        self.in_layers = nn.Sequential(group_norm(channels, ops=ops), nn.SiLU(),
+                                       conv3x3(channels, out_channels, ops=ops))
+        self.emb_layers = nn.Sequential(nn.SiLU(), ops.Linear(emb_channels, out_channels))
+        self.out_layers = nn.Sequential(group_norm(out_channels, ops=ops), nn.SiLU(), nn.Dropout(0.0),
+                                        conv3x3(out_channels, out_channels, ops=ops))
+        self.skip_connection = nn.Identity() if out_channels == channels else ops.Conv2d(channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
@@ -98,9 +109,9 @@ class ResBlock(TimestepBlock):
 class Downsample(nn.Module):
     """Stride-2 3x3 convolution: ``(N, C, H, W) -> (N, C, H/2, W/2)``."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, ops=TORCH_OPS):
         super().__init__()
-        self.op = conv3x3(channels, channels, stride=2)
+        self.op = conv3x3(channels, channels, stride=2, ops=ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.op(x)
@@ -109,21 +120,19 @@ class Downsample(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention of ``x: (N, L, C)`` over ``context: (N, S, D)`` (itself when ``context`` is None)."""
 
-    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None):
+    def __init__(self, query_dim: int, heads: int, dim_head: int, context_dim: int | None = None, ops=TORCH_OPS):
         super().__init__()
         inner = heads * dim_head
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(0.0))
+        self.to_q = ops.Linear(query_dim, inner, bias=False)
+        self.to_k = ops.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = ops.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(ops.Linear(inner, query_dim), nn.Dropout(0.0))
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                attention: AttentionFn = sdpa_attention) -> torch.Tensor:
         context = x if context is None else context
-        q, k, v = (rearrange(t, "n l (h d) -> n h l d", h=self.heads)
-                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(rearrange(out, "n h l d -> n l (h d)"))
+        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
 class GEGLU(nn.Module):
@@ -152,36 +161,36 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention to the text, feed-forward; pre-norm residuals. ``(N, L, C) -> (N, L, C)``."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, ops=TORCH_OPS):
         super().__init__()
-        self.attn1 = Attention(dim, heads, dim_head)
-        self.ff = FeedForward(dim)
-        self.attn2 = Attention(dim, heads, dim_head, context_dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.norm3 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, dim_head, ops=ops)
+        self.ff = FeedForward(dim, ops=ops)
+        self.attn2 = Attention(dim, heads, dim_head, context_dim, ops=ops)
+        self.norm1 = ops.LayerNorm(dim)
+        self.norm2 = ops.LayerNorm(dim)
+        self.norm3 = ops.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x), attention=attention)
+        x = x + self.attn2(self.norm2(x), context, attention)
         return x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(ContextBlock):
     """SD1.5 spatial transformer (1x1 conv projections): ``(N, C, H, W), context (N, L, D) -> (N, C, H, W)``."""
 
-    def __init__(self, channels: int, heads: int, context_dim: int, depth: int = 1):
+    def __init__(self, channels: int, heads: int, context_dim: int, depth: int = 1, ops=TORCH_OPS):
         super().__init__()
-        self.norm = group_norm(channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.norm = group_norm(channels, eps=1e-6, ops=ops)
+        self.proj_in = ops.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
-            BasicTransformerBlock(channels, heads, channels // heads, context_dim) for _ in range(depth))
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+            BasicTransformerBlock(channels, heads, channels // heads, context_dim, ops) for _ in range(depth))
+        self.proj_out = ops.Conv2d(channels, channels, 1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attention: AttentionFn = sdpa_attention) -> torch.Tensor:
         height, width = x.shape[-2:]
         h = rearrange(self.proj_in(self.norm(x)), "n c h w -> n (h w) c")
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context, attention)
         h = rearrange(h, "n (h w) c -> n c h w", h=height, w=width)
         return x + self.proj_out(h)
