@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import comfy.patcher_extension
 import folder_paths
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from comfy_api.latest import io
 
 from dreamoving_core.guider.clip_image import ClipImageEncoder
 from dreamoving_core.guider.model import (AttentionTerm, ContentGuider, ContentKV, ImageFeatures,
-                                            decoupled_cross_attention, load_content_guider)
+                                            decoupled_cross_attention, gated_alpha, load_content_guider)
 from dreamoving_core.guider.kernel import fused_decoupled_cross_attention
 from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.guider.face_id import FaceAnalyzer, find_pack, list_packs
@@ -26,6 +27,7 @@ from ._common import reports_errors
 
 CATEGORY = "DreaMoving/Content"
 GUIDER_FOLDERS = ("dreamoving_content_guider", "ipadapter")
+PREPARE_KEY = "dreamoving_guider_kv"
 ContentGuiderType = io.Custom("DREAMOVING_CONTENT_GUIDER")
 OpenClipVisionType = io.Custom("DREAMOVING_OPEN_CLIP_VISION")
 FaceAnalysisType = io.Custom("DREAMOVING_INSIGHTFACE")
@@ -64,12 +66,12 @@ class GuiderAttention:
 
     def __call__(self, q, k, v, extra_options):
         sigmas = extra_options.get("sigmas")
-        sigma = float(sigmas.detach().flatten()[0]) if sigmas is not None else None
-        active = [t for t in self.terms if t.alpha != 0 and (sigma is None or t.sigma_end <= sigma <= t.sigma_start)]
         heads = extra_options["n_heads"]
         cond_or_uncond = extra_options.get("cond_or_uncond") or []
-        terms = [AttentionTerm(t.alpha, *t.kv.for_batch(self.layer, cond_or_uncond, q.shape[0], q.device, q.dtype))
-                 for t in active]
+        terms = [AttentionTerm(gated_alpha(t.alpha, sigmas, t.sigma_start, t.sigma_end),
+                               *t.kv.for_batch(self.layer, cond_or_uncond, q.shape[0], q.device, q.dtype))
+                 for t in self.terms]
+        terms = [t for t in terms if t.active]
         if self.inner is None and terms:  # one pass over Q on CUDA (None elsewhere)
             fused = fused_decoupled_cross_attention(q, k, v, heads, terms)
             if fused is not None:
@@ -106,6 +108,13 @@ def cross_attention_sites(model) -> list[CrossAttentionSite]:
     return sites
 
 
+def _prepare_kv(kv: ContentKV, patcher) -> None:
+    """ON_PRE_RUN callback: the image keys/values go to the U-Net's device and compute dtype before sampling (a
+    compiled U-Net then finds them there instead of tracing the move)."""
+    base = patcher.model
+    kv.prepare(patcher.load_device, getattr(base, "manual_cast_dtype", None) or base.get_dtype())
+
+
 def apply_guidance(model, slot: str, guider: ContentGuider, kv: ContentKV, alpha: float, start: float, end: float):
     """A clone of ``model`` whose cross-attention layers add ``alpha ·`` the ``slot`` term of Eq. 1."""
     sites = cross_attention_sites(model)
@@ -117,6 +126,8 @@ def apply_guidance(model, slot: str, guider: ContentGuider, kv: ContentKV, alpha
     sampling = model.get_model_object("model_sampling")
     term = SlotTerm(slot, float(alpha), sampling.percent_to_sigma(start), sampling.percent_to_sigma(end), kv)
     patched = model.clone()
+    patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, f"{PREPARE_KEY}_{slot}",
+                                  partial(_prepare_kv, kv))
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     for layer, site in enumerate(sites):
         key = (*site.block, site.transformer_index)
