@@ -12,7 +12,7 @@ layers; otherwise the tiny SD1.5 layout of ``devtools.tiny.checkpoint`` (two 320
 from __future__ import annotations
 
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -62,7 +62,6 @@ class DreaMovingModel:
     negative: list
     frames: int
     size: int
-    parts: dict = field(default_factory=dict)
 
     def latent(self, seed: int = 0) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
@@ -84,11 +83,40 @@ def conditioning(context_dim: int, seed: int) -> list:
     return [[torch.randn(1, 77, context_dim, generator=gen), {}]]
 
 
-def build(frames: int = 4, size: int = 64, *, full_size: bool = False, motion: bool = True, control: bool = True,
-          guider: tuple[str, ...] = GUIDER_SLOTS, device: str = "cpu", dtype: torch.dtype = torch.float32,
-          nodes: types.SimpleNamespace | None = None) -> DreaMovingModel:
-    """A DreaMoving model (see the module docstring) of ``frames`` frames at ``size``² pixels; ``guider``: the
-    Content Guider slots to apply (``()``: none)."""
+@dataclass
+class Parts:
+    """The random models one benchmark or test run shares: the base U-Net patcher, a motion module, a Content Guider
+    with its face and cloth keys/values, a Video ControlNet and its hint (one image for every frame)."""
+
+    nodes: types.SimpleNamespace
+    base: object
+    motion: object
+    guider: object
+    kv: dict
+    control: object
+    hint: torch.Tensor
+    frames: int
+    size: int
+
+    def model(self, *, motion: bool = True, control: bool = True, guider: tuple[str, ...] = GUIDER_SLOTS,
+              context=None, frames: int | None = None) -> DreaMovingModel:
+        """The DreaMoving model with the chosen parts applied by the nodes' own functions; ``context``: the Motion
+        Context Options' ``ContextOptions`` (windows), if any; ``frames``: another video length."""
+        patcher = self.base
+        if motion:
+            patcher = self.nodes.motion.apply_motion(patcher, self.motion, 1.0, context)
+        for slot in guider:
+            patcher = self.nodes.guider.apply_guidance(patcher, slot, self.guider, self.kv[slot], 1.0, 0.0, 1.0)
+        positive, negative = conditioning(768, 3), conditioning(768, 4)
+        if control:
+            vcn = self.nodes.control.VideoControl(self.control, "random controlnet", load_device=self.base.load_device)
+            positive, negative = self.nodes.control.apply_control(positive, negative, vcn, self.hint, 1.0, (0.0, 1.0))
+        return DreaMovingModel(self.nodes, patcher, positive, negative, frames or self.frames, self.size)
+
+
+def parts(frames: int = 4, size: int = 64, *, full_size: bool = False, device: str = "cpu",
+          dtype: torch.dtype = torch.float32, nodes: types.SimpleNamespace | None = None) -> Parts:
+    """Random parts (see the module docstring) for videos of ``frames`` frames at ``size``² pixels."""
     nodes = nodes or setup(device)
     import comfy.model_patcher
     import comfy.ops
@@ -107,47 +135,40 @@ def build(frames: int = 4, size: int = 64, *, full_size: bool = False, motion: b
     config.set_inference_dtype(dtype, None)
     base = config.get_model({}, device=torch.device(device))
     randomise(base.diffusion_model).to(device, dtype)
-    load = offload = torch.device(device)
-    patcher = comfy.model_patcher.ModelPatcher(base, load_device=load, offload_device=offload)
+    load = torch.device(device)
+    patcher = comfy.model_patcher.ModelPatcher(base, load_device=load, offload_device=load)
     widths = tuple(unet_config["model_channels"] * m for m in unet_config["channel_mult"])
     per_level = unet_config["num_res_blocks"][0]
-    parts: dict = {"unet": base.diffusion_model}
 
     mm_config = MotionModuleConfig(channels=widths, down_layers=per_level, up_layers=per_level + 1)
-    if motion:
-        module = randomise(MotionModule(mm_config, ops=comfy.ops.manual_cast), seed=1).to(device, dtype).eval()
-        loaded = nodes.motion.LoadedMotionModule("random", module, comfy.model_patcher.ModelPatcher(
-            module, load_device=load, offload_device=offload))
-        patcher = nodes.motion.apply_motion(patcher, loaded, 1.0)
-        parts["motion"] = module
+    module = randomise(MotionModule(mm_config, ops=comfy.ops.manual_cast), seed=1).to(device, dtype).eval()
+    motion = nodes.motion.LoadedMotionModule("random", module, comfy.model_patcher.ModelPatcher(
+        module, load_device=load, offload_device=load))
 
-    if guider:
-        dims = SD15_GUIDER_LAYERS if full_size else TINY_LAYER_DIMS
-        parsed = parse_guider_state_dict(guider_weights(dims), "random guider", GUIDER_METADATA)
-        content = ContentGuider("random guider", parsed.format,
-                                {slot: ContentSource(w, "random guider") for slot, w in parsed.sources.items()})
-        gen = torch.Generator().manual_seed(2)
-        features = ImageFeatures(torch.randn(1, 1024, generator=gen), torch.randn(1, 257, 1280, generator=gen),
-                                 torch.nn.functional.normalize(torch.randn(1, 512, generator=gen), dim=-1))
-        blank = ImageFeatures(torch.zeros(1, 1024), torch.zeros(1, 257, 1280), torch.zeros(1, 512))
-        for slot in guider:
-            kv = content.source(slot).keys_values(features, blank, f"the {slot} image")
-            patcher = nodes.guider.apply_guidance(patcher, slot, content, kv, 1.0, 0.0, 1.0)
-        parts["guider"] = content
+    dims = SD15_GUIDER_LAYERS if full_size else TINY_LAYER_DIMS
+    parsed = parse_guider_state_dict(guider_weights(dims), "random guider", GUIDER_METADATA)
+    guider = ContentGuider("random guider", parsed.format,
+                           {slot: ContentSource(w, "random guider") for slot, w in parsed.sources.items()})
+    gen = torch.Generator().manual_seed(2)
+    features = ImageFeatures(torch.randn(1, 1024, generator=gen), torch.randn(1, 257, 1280, generator=gen),
+                             torch.nn.functional.normalize(torch.randn(1, 512, generator=gen), dim=-1))
+    blank = ImageFeatures(torch.zeros(1, 1024), torch.zeros(1, 257, 1280), torch.zeros(1, 512))
+    kv = {slot: guider.source(slot).keys_values(features, blank, f"the {slot} image") for slot in GUIDER_SLOTS}
 
-    positive, negative = conditioning(768, 3), conditioning(768, 4)
-    if control:
-        cn_config = ControlNetConfig(model_channels=widths[0], channel_mult=tuple(unet_config["channel_mult"]),
-                                     num_res_blocks=tuple(unet_config["num_res_blocks"]),
-                                     transformer_depth=tuple(unet_config["transformer_depth"][::per_level]))
-        cn_motion = randomise(MotionModule(MotionModuleConfig(channels=widths, down_layers=mm_config.down_layers,
-                                                              up_layers=0), ops=comfy.ops.manual_cast), seed=5)
-        weights = randomise(VideoControlNet(cn_config), seed=6).state_dict()
-        model = build_video_controlnet(weights, "random controlnet", [list(level) for level in cn_motion.down_blocks],
-                                       cn_motion.mid_block, "random", cn_motion.config, ops=comfy.ops.manual_cast)
-        model = model.to(device, dtype).eval()
-        vcn = nodes.control.VideoControl(model, "random controlnet", load_device=load)
-        hint = torch.rand(frames, 3, size, size, generator=torch.Generator().manual_seed(7))
-        positive, negative = nodes.control.apply_control(positive, negative, vcn, hint, 1.0, (0.0, 1.0))
-        parts["control"] = model
-    return DreaMovingModel(nodes, patcher, positive, negative, frames, size, parts)
+    cn_config = ControlNetConfig(model_channels=widths[0], channel_mult=tuple(unet_config["channel_mult"]),
+                                 num_res_blocks=tuple(unet_config["num_res_blocks"]),
+                                 transformer_depth=tuple(unet_config["transformer_depth"][::per_level]))
+    cn_motion = randomise(MotionModule(MotionModuleConfig(channels=widths, down_layers=per_level, up_layers=0),
+                                       ops=comfy.ops.manual_cast), seed=5)
+    weights = randomise(VideoControlNet(cn_config), seed=6).state_dict()
+    control = build_video_controlnet(weights, "random controlnet", [list(level) for level in cn_motion.down_blocks],
+                                     cn_motion.mid_block, "random", cn_motion.config, ops=comfy.ops.manual_cast)
+    control = control.to(device, dtype).eval()
+    hint = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(7))
+    return Parts(nodes, patcher, motion, guider, kv, control, hint, frames, size)
+
+
+def build(frames: int = 4, size: int = 64, *, motion: bool = True, control: bool = True,
+          guider: tuple[str, ...] = GUIDER_SLOTS, **kwargs) -> DreaMovingModel:
+    """One DreaMoving model (see :meth:`Parts.model`) from fresh random parts."""
+    return parts(frames, size, **kwargs).model(motion=motion, control=control, guider=guider)
