@@ -174,7 +174,7 @@ def step_rows(parts: harness.Parts, args, frames: int, compile_too: bool) -> lis
     times["diffusers"] = []
     for _ in range(args.rounds):
         for key, (model, patcher) in runs.items():
-            times[key] += sampled_step_times(model, args.steps, args.device, patcher)[1:]
+            times[key] += sampled_step_times(model, args.steps, args.device, patcher)
         if reference is not None:
             for _ in range(args.steps):
                 sync(args.device)
