@@ -13,7 +13,7 @@ casting layers). Each step is one U-Net call on cond and uncond videos together 
 ``torch.utils.flop_counter`` (attention through the math kernel so every matmul is seen). Target: time ratio at most
 1.1x the FLOP ratio. ``--diffusers`` also times diffusers' ``UNetMotionModel`` (SD1.5 + MotionAdapter, random
 weights) in the same run when diffusers is importable. Bare and patched steps alternate and the medians are compared,
-so a busy machine slows both alike. Peak memory of one step beyond the weights: the CUDA allocator's peak, or on CPU
+so a busy machine slows both alike; diffusers' bare and motion U-Nets alternate the same way. Peak memory of one step beyond the weights: the CUDA allocator's peak, or on CPU
 the peak of live tensor storage created during the step; "windowed" runs the frames in context windows of 16
 (overlap 4) as ComfyUI's context windows do, so memory follows the window rather than the video.
 """
@@ -135,16 +135,20 @@ def time_steps(bench: Bench, x: torch.Tensor, warmup: int, iters: int) -> tuple[
     return statistics.median(times[False]), statistics.median(times[True])
 
 
-def time_call(fn, x, device: str, warmup: int, iters: int) -> float:
+def alternate_calls(fns, device: str, warmup: int, iters: int) -> list[float]:
+    """Median seconds per call of each of ``fns``, called in turn in every round (as our pair is timed), so the
+    reference's pair is measured under the same load."""
+    times: list[list[float]] = [[] for _ in fns]
     with torch.inference_mode():
-        for _ in range(warmup):
-            fn(x)
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn(x)
-        sync(device)
-    return (time.perf_counter() - start) / iters
+        for i in range(warmup + iters):
+            for k, fn in enumerate(fns):
+                sync(device)
+                start = time.perf_counter()
+                fn()
+                sync(device)
+                if i >= warmup:
+                    times[k].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -235,9 +239,9 @@ def diffusers_rows(args) -> list[dict]:
         hidden = torch.zeros(2 * frames, 77, 768, device=args.device, dtype=args.dtype)  # per frame, as its pipeline
         flat = latent(frames, args.size, args.dtype, args.device)
         video = flat.view(2, frames, *flat.shape[1:]).transpose(1, 2)  # (videos, C, F, h, w)
-        bare = time_call(lambda x: unet2d(x, 500, hidden).sample, flat, args.device, args.warmup, args.iters)
-        with_motion = time_call(lambda x: motion(x, 500, hidden).sample, video, args.device, args.warmup,
-                                args.iters)
+        bare, with_motion = alternate_calls([lambda: unet2d(flat, 500, hidden).sample,
+                                             lambda: motion(video, 500, hidden).sample],
+                                            args.device, args.warmup, args.iters)
         peak = step_peak_mib(lambda x: motion(x, 500, hidden).sample, video, args.device)
         rows.append({"impl": "diffusers", "frames": frames, "bare_ms": bare * 1e3, "motion_ms": with_motion * 1e3,
                      "motion_step_peak_mib": peak})

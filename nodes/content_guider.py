@@ -10,9 +10,11 @@ The guider's projections, the CLIP image tower and the InsightFace sessions are 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.patcher_extension
 import numpy as np
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer
@@ -23,7 +25,7 @@ from dreamoving_core.guider.clip_image import ClipImageEncoder
 from dreamoving_core.guider.face_id import PACK_SUBFOLDER, FaceAnalyzer
 from dreamoving_core.guider.kernel import fused_decoupled_cross_attention
 from dreamoving_core.guider.model import (AttentionTerm, ContentGuider, ContentKV, ImageFeatures,
-                                          decoupled_cross_attention, load_content_guider)
+                                          decoupled_cross_attention, gated_alpha, load_content_guider)
 
 from ._common import ModelCombo, ModelFolder, custom_type
 from ._models import OPS, attention_backend, has_attention_override, load, managed, session_patcher, unet_weight_dtype
@@ -37,6 +39,7 @@ CLIP_FOLDER = ModelFolder(("clip_vision",), "CLIP vision model",
 INSIGHTFACE_FOLDER = ModelFolder(("insightface",), "InsightFace pack",
                                  "put the pack's folder of .onnx files (antelopev2 or buffalo_l) there",
                                  holds="*.onnx", subfolder=PACK_SUBFOLDER)
+PREPARE_KEY = "dreamoving_guider_kv"
 
 
 # ------------------------------------------------------------------------------------------------- the attn2 patch
@@ -73,12 +76,12 @@ class GuiderAttention:
 
     def __call__(self, q, k, v, extra_options):
         sigmas = extra_options.get("sigmas")
-        sigma = float(sigmas.detach().flatten()[0]) if sigmas is not None else None
-        active = [t for t in self.terms if t.alpha != 0 and (sigma is None or t.sigma_end <= sigma <= t.sigma_start)]
         heads = extra_options["n_heads"]
         cond_or_uncond = extra_options.get("cond_or_uncond") or []
-        terms = [AttentionTerm(t.alpha, *t.kv.for_batch(self.layer, cond_or_uncond, q.shape[0], q.device, q.dtype))
-                 for t in active]
+        terms = [AttentionTerm(gated_alpha(t.alpha, sigmas, t.sigma_start, t.sigma_end),
+                               *t.kv.for_batch(self.layer, cond_or_uncond, q.shape[0], q.device, q.dtype))
+                 for t in self.terms]
+        terms = [t for t in terms if t.active]
         if self.inner is None and terms and not has_attention_override(extra_options):
             fused = fused_decoupled_cross_attention(q, k, v, heads, terms)  # one pass over Q (CUDA; else None)
             if fused is not None:
@@ -160,6 +163,13 @@ def load_clip_vision(path: str) -> LoadedClipVision:
                                              comfy.model_management.text_encoder_offload_device()))
 
 
+def _prepare_kv(kv: ContentKV, patcher) -> None:
+    """ON_PRE_RUN callback: the image keys/values go to the U-Net's device and compute dtype before sampling (a
+    compiled U-Net then finds them there instead of tracing the move)."""
+    base = patcher.model
+    kv.prepare(patcher.load_device, getattr(base, "manual_cast_dtype", None) or base.get_dtype())
+
+
 def apply_guidance(model, slot: str, guider: ContentGuider, kv: ContentKV, alpha: float, start: float, end: float):
     """A clone of ``model`` whose cross-attention layers add ``alpha ·`` the ``slot`` term of Eq. 1."""
     sites = cross_attention_sites(model)
@@ -171,6 +181,8 @@ def apply_guidance(model, slot: str, guider: ContentGuider, kv: ContentKV, alpha
     sampling = model.get_model_object("model_sampling")
     term = SlotTerm(slot, float(alpha), sampling.percent_to_sigma(start), sampling.percent_to_sigma(end), kv)
     patched = model.clone()
+    patched.add_callback_with_key(comfy.patcher_extension.CallbacksMP.ON_PRE_RUN, f"{PREPARE_KEY}_{slot}",
+                                  partial(_prepare_kv, kv))
     existing = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     for layer, site in enumerate(sites):
         key = (*site.block, site.transformer_index)

@@ -81,7 +81,8 @@ class DWPoseEstimator(io.ComfyNode):
             node_id="DreaMovingDWPose",
             display_name=DWPOSE_NAME,
             category=CATEGORY,
-            description="Whole-body poses of every person in every frame (YOLOX + DWPose through onnxruntime), "
+            description="Whole-body poses of every person in every frame (YOLOX + DWPose; on a GPU the ONNX files run "
+                        "converted to torch, batched over frames, without onnxruntime-gpu; else onnxruntime), "
                         "rendered as OpenPose hints for the Video ControlNet, with temporal smoothing and optional "
                         "retargeting to the reference person's proportions.",
             inputs=[

@@ -58,10 +58,34 @@ def test_content_kv_gives_cond_rows_to_cond_chunks_and_blank_rows_to_uncond_chun
     keys = torch.stack([torch.full((3, 8), 1.0), torch.full((3, 8), -1.0)])
     kv = ContentKV([keys], [keys * 2])
     k, v = kv.for_batch(0, [1, 0], 10, torch.device("cpu"), torch.float32)  # uncond (5 frames), then cond
-    assert k.shape == (10, 3, 8) and torch.equal(v, 2 * k)
-    assert (k[:5] == -1).all() and (k[5:] == 1).all()
+    assert k.shape == (2, 3, 8) and torch.equal(v, 2 * k), "one K/V row per video, not per frame"
+    assert (k[0] == -1).all() and (k[1] == 1).all()
     k, _ = kv.for_batch(0, [0], 3, torch.device("cpu"), torch.float16)  # e.g. a context window of 3 frames
-    assert k.shape == (3, 3, 8) and k.dtype == torch.float16 and (k == 1).all()
+    assert k.shape == (1, 3, 8) and k.dtype == torch.float16 and (k == 1).all()
+
+
+def test_image_terms_fold_each_videos_frames_onto_its_own_keys_like_the_per_frame_formula():
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(10, 16, 64, generator=g)  # 2 videos x 5 frames
+    k_t, v_t = torch.randn(10, 7, 64, generator=g), torch.randn(10, 7, 64, generator=g)
+    k_f, v_f = torch.randn(2, 4, 64, generator=g), torch.randn(2, 4, 64, generator=g)
+    out = decoupled_cross_attention(q, k_t, v_t, 4, [AttentionTerm(0.6, k_f, v_f)])
+    per_frame_k, per_frame_v = k_f.repeat_interleave(5, 0), v_f.repeat_interleave(5, 0)
+    expected = direct_attention(q, k_t, v_t, 4) + 0.6 * direct_attention(q, per_frame_k, per_frame_v, 4)
+    assert (out - expected).abs().max().item() <= 1e-5
+    with pytest.raises(InputMismatchError, match="10 query rows do not split into the 3 groups"):
+        decoupled_cross_attention(q, k_t, v_t, 4, [AttentionTerm(0.6, torch.randn(3, 4, 64), torch.randn(3, 4, 64))])
+
+
+def test_a_tensor_alpha_is_the_same_term_and_a_zero_tensor_alpha_adds_nothing():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(4, 16, 64, generator=g) for _ in range(3))
+    k_f, v_f = torch.randn(2, 4, 64, generator=g), torch.randn(2, 4, 64, generator=g)
+    as_float = decoupled_cross_attention(q, k, v, 4, [AttentionTerm(0.75, k_f, v_f)])
+    as_tensor = decoupled_cross_attention(q, k, v, 4, [AttentionTerm(torch.tensor(0.75), k_f, v_f)])
+    assert (as_float - as_tensor).abs().max().item() <= 1e-6
+    gated_off = decoupled_cross_attention(q, k, v, 4, [AttentionTerm(torch.tensor(0.0), k_f, v_f)])
+    assert torch.equal(gated_off, sdpa_attention(q, k, v, 4))
 
 
 LAYOUTS = [("plain", "linear", 4, "image_embeds"), ("plus", "resampler", 16, "penultimate"),
@@ -295,11 +319,14 @@ def fused_case(device: str, dtype: torch.dtype, dim: int, text_tokens: int, imag
         return torch.randn(*shape, generator=g).to(device, dtype)
 
     q, k, v = rand(batch, length, dim), rand(batch, text_tokens, dim), rand(batch, text_tokens, dim)
-    terms = [AttentionTerm(0.5 + i, rand(batch, n, dim), rand(batch, n, dim)) for i, n in enumerate(image_tokens)]
+    # two videos of two frames: one image K/V row per video, the second term's alpha a tensor (a sampling gate)
+    terms = [AttentionTerm(0.5 + i if i == 0 else torch.tensor(0.5 + i, device=device), rand(2, n, dim),
+                           rand(2, n, dim)) for i, n in enumerate(image_tokens)]
     fused = fused_decoupled_cross_attention(q, k, v, heads, terms)
     assert fused is not None, "the fused kernel must run here"
     expected = (direct_attention(q.float(), k.float(), v.float(), heads)
-                + sum(t.alpha * direct_attention(q.float(), t.k.float(), t.v.float(), heads) for t in terms))
+                + sum(float(t.alpha) * direct_attention(q.float(), t.k.float().repeat_interleave(2, 0),
+                                                        t.v.float().repeat_interleave(2, 0), heads) for t in terms))
     return (fused.float() - expected).abs().max().item()
 
 

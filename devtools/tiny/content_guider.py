@@ -98,19 +98,26 @@ def ip_adapter_file(variant: str, suffix: str = "safetensors") -> Path:
     return cached(f"ipadapter/v1/{FILE_NAMES[variant]}.{suffix}", lambda p: _save_ip_adapter(variant, suffix, p))
 
 
-def _save_guider(path: Path) -> None:
-    from safetensors.torch import save_file
+GUIDER_METADATA = {"format": "dreamoving_content_guider", "version": "1"}
 
-    face = ip_adapter_weights("faceid-plusv2", seed=1)
-    cloth = ip_adapter_weights("plus", seed=2)
+
+def guider_weights(layer_dims=TINY_LAYER_DIMS) -> dict[str, torch.Tensor]:
+    """A DreaMoving Content Guider state dict (FaceID-Plus v2 face, plus cloth) for a U-Net with ``layer_dims``."""
+    face = ip_adapter_weights("faceid-plusv2", layer_dims, seed=1)
+    cloth = ip_adapter_weights("plus", layer_dims, seed=2)
     sd = {f"face_proj.{k}": v for k, v in face["image_proj"].items()}
     sd |= {f"cloth_proj.{k}": v for k, v in cloth["image_proj"].items()}
-    for i in range(len(TINY_LAYER_DIMS)):
+    for i in range(len(layer_dims)):
         for slot, tree in (("face", face), ("cloth", cloth)):
             for kv in ("k", "v"):
                 sd[f"attn.{i}.to_{kv}_{slot}.weight"] = tree["ip_adapter"][f"{2 * i + 1}.to_{kv}_ip.weight"]
-    save_file({k: v.half().contiguous() for k, v in sd.items()}, str(path),
-              metadata={"format": "dreamoving_content_guider", "version": "1"})
+    return sd
+
+
+def _save_guider(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.half().contiguous() for k, v in guider_weights().items()}, str(path), metadata=GUIDER_METADATA)
 
 
 def guider_file() -> Path:

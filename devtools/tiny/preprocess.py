@@ -11,7 +11,10 @@
   two-domain NYU + KITTI head of Intel/zoedepth-nyu-kitti) saved with ``save_pretrained``, with its processor.
 - ``synthetic_dance_video(path)``: a stick figure waving its arms, as an H.264 MP4 (PyAV).
 
-ONNX graphs are exported at build time with ``torch.onnx.export(..., dynamo=False, opset_version=17)``.
+ONNX graphs are exported at build time with ``torch.onnx.export(..., dynamo=False)``: the detector at opset 11 (as
+the DWPose files were exported), the estimator at opset 17, so the torch backend (``preprocess.onnx_torch``) is
+tested on both forms of ``Split``, ``Squeeze`` and the reductions. Their operator sets are those of the real graphs
+(see the two classes), so what the torch backend maps is what the real files need.
 """
 from __future__ import annotations
 
@@ -70,13 +73,25 @@ def _anchor_index(cx: float, cy: float) -> tuple[int, float, float]:
     return offset + gy * (DETECTOR_SIZE[1] // s) + gx, cx / s - gx, cy / s - gy
 
 
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU as YOLOX and RTMPose export it: ``Sigmoid`` then ``Mul``."""
+    return x * torch.sigmoid(x)
+
+
 class TinyYolox(nn.Module):
-    """Random tiny convolutions whose outputs are pushed to planted detections by a fixed bias."""
+    """YOLOX's graph in miniature (Focus slices, SiLU convolutions, SPP max pools, a nearest-upsampling path, per-level
+    reg / obj / cls heads, flattened and transposed), with random tiny weights whose outputs a fixed bias pushes to
+    planted detections."""
 
     def __init__(self, people):
         super().__init__()
-        self.stem = nn.Conv2d(3, 8, 3, stride=8, padding=1)
-        self.heads = nn.ModuleList(nn.Conv2d(8, 5 + NUM_CLASSES, 1) for _ in STRIDES)
+        self.stem = nn.Conv2d(12, 8, 3, stride=4, padding=1)  # after Focus (stride 2): stride 8
+        self.down16, self.down32 = nn.Conv2d(8, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 2, 1)
+        self.spp = nn.Conv2d(32, 8, 1)
+        self.lateral = nn.Conv2d(16, 8, 1)
+        self.reg = nn.ModuleList(nn.Conv2d(8, 4, 1) for _ in STRIDES)
+        self.obj = nn.ModuleList(nn.Conv2d(8, 1, 1) for _ in STRIDES)
+        self.cls = nn.ModuleList(nn.Conv2d(8, NUM_CLASSES, 1) for _ in STRIDES)
         anchors = sum((DETECTOR_SIZE[0] // s) * (DETECTOR_SIZE[1] // s) for s in STRIDES)
         bias = torch.zeros(1, anchors, 5 + NUM_CLASSES)
         bias[..., 4:] = -9.0  # logits: nothing anywhere ...
@@ -85,14 +100,26 @@ class TinyYolox(nn.Module):
             logit = math.log(math.sqrt(score) / (1 - math.sqrt(score)))  # objectness x class = score
             bias[0, i, :4] = torch.tensor([dx, dy, math.log(w / STRIDES[-1]), math.log(h / STRIDES[-1])])
             bias[0, i, 4], bias[0, i, 5] = logit, logit
-        self.register_buffer("bias", bias)
+        start = 0
+        for k, s in enumerate(STRIDES):  # per level as (1, 85, h, w), like the head's outputs
+            h, w = DETECTOR_SIZE[0] // s, DETECTOR_SIZE[1] // s
+            self.register_buffer(f"bias{k}", bias[:, start:start + h * w].transpose(1, 2).reshape(1, -1, h, w))
+            start += h * w
 
     def forward(self, images):
-        x = torch.relu(self.stem(images / 255.0))
-        outs = [head(nn.functional.avg_pool2d(x, 2 ** k) if k else x).flatten(2).transpose(1, 2)
-                for k, head in enumerate(self.heads)]
-        raw = torch.cat(outs, dim=1) * 1e-3 + self.bias
-        return torch.cat([raw[..., :4], torch.sigmoid(raw[..., 4:])], dim=-1)
+        focus = torch.cat([images[..., ::2, ::2], images[..., 1::2, ::2], images[..., ::2, 1::2],
+                           images[..., 1::2, 1::2]], dim=1)
+        p8 = silu(self.stem(focus * 1e-2))
+        p16 = silu(self.down16(p8))
+        p32 = silu(self.down32(p16))
+        p32 = silu(self.spp(torch.cat([p32] + [nn.functional.max_pool2d(p32, k, 1, k // 2) for k in (5, 9, 13)], 1)))
+        up = nn.functional.interpolate(p32, scale_factor=2.0, mode="nearest")
+        p16 = silu(self.lateral(torch.cat([up, p16], dim=1)))
+        outs = []
+        for k, p in enumerate((p8, p16, p32)):
+            raw = torch.cat([self.reg[k](p), self.obj[k](p), self.cls[k](p)], dim=1) * 1e-3 + getattr(self, f"bias{k}")
+            outs.append(torch.cat([raw[:, :4], torch.sigmoid(raw[:, 4:5]), torch.sigmoid(raw[:, 5:])], dim=1))
+        return torch.cat([o.flatten(start_dim=2) for o in outs], dim=2).permute(0, 2, 1)
 
 
 def _crop_coords(box_rel: np.ndarray, box) -> np.ndarray:
@@ -107,14 +134,38 @@ def _crop_coords(box_rel: np.ndarray, box) -> np.ndarray:
     return np.stack([(x - cx) / cw * in_w + in_w / 2, (y - cy) / ch * in_h + in_h / 2], axis=1)
 
 
-class TinyDWPose(nn.Module):
-    """A random tiny encoder whose SimCC outputs are pushed to planted keypoints by a fixed bias."""
+class ScaleNorm(nn.Module):
+    """RTMPose's ScaleNorm: ``x / max(‖x‖·d^-½, eps) · g`` (exported as ``ReduceL2``, ``Clip``, ``Div``)."""
 
-    def __init__(self, box):
+    def __init__(self, dim: int):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, stride=16, padding=1)
+        self.scale, self.g = dim ** -0.5, nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        norm = torch.linalg.norm(x, dim=-1, keepdim=True) * self.scale
+        return x / norm.clamp(min=1e-5) * self.g
+
+
+class TinyDWPose(nn.Module):
+    """RTMPose's graph in miniature (CSPNeXt-style SiLU and depthwise convolutions with channel attention, the SimCC
+    head's 7x7 convolution, ScaleNorm, gated attention unit and x / y classifiers), with random tiny weights whose
+    SimCC outputs a fixed bias pushes to planted keypoints."""
+
+    def __init__(self, box, hidden: int = 16, e: int = 32, s: int = 8):
+        super().__init__()
+        self.e, self.s = e, s
+        self.stem = nn.Conv2d(3, 8, 3, stride=4, padding=1)
+        self.depthwise, self.pointwise = nn.Conv2d(8, 8, 5, padding=2, groups=8), nn.Conv2d(8, 8, 1)
+        self.down = nn.Conv2d(8, 8, 3, stride=8, padding=1)  # stride 32 in all
+        self.attention = nn.Conv2d(8, 8, 1)
+        self.final = nn.Conv2d(8, NUM_KEYPOINTS, 7, padding=3)
         in_h, in_w = ESTIMATOR_SIZE
-        self.fc_x, self.fc_y = nn.Linear(4, 2 * in_w), nn.Linear(4, 2 * in_h)
+        flat = (in_h // 32) * (in_w // 32)
+        self.mlp_norm, self.mlp = ScaleNorm(flat), nn.Linear(flat, hidden, bias=False)
+        self.gau_norm, self.uv = ScaleNorm(hidden), nn.Linear(hidden, 2 * e + s, bias=False)
+        self.gamma, self.beta = nn.Parameter(torch.rand(2, s)), nn.Parameter(torch.zeros(2, s))
+        self.o = nn.Linear(e, hidden, bias=False)
+        self.cls_x, self.cls_y = nn.Linear(hidden, 2 * in_w, bias=False), nn.Linear(hidden, 2 * in_h, bias=False)
         pts = _crop_coords(TINY_WHOLEBODY, box)
         bias_x, bias_y = torch.zeros(1, NUM_KEYPOINTS, 2 * in_w), torch.zeros(1, NUM_KEYPOINTS, 2 * in_h)
         for k, (x, y) in enumerate(pts):
@@ -124,16 +175,24 @@ class TinyDWPose(nn.Module):
         self.register_buffer("bias_y", bias_y)
 
     def forward(self, input):
-        feat = torch.relu(self.conv(input)).mean(dim=(2, 3))
-        return self.fc_x(feat)[:, None] * 1e-3 + self.bias_x, self.fc_y(feat)[:, None] * 1e-3 + self.bias_y
+        x = silu(self.stem(input))
+        x = x + silu(self.pointwise(self.depthwise(x)))
+        x = silu(self.down(x))
+        x = x * nn.functional.hardsigmoid(self.attention(nn.functional.adaptive_avg_pool2d(x, 1)))
+        feats = self.mlp(self.mlp_norm(torch.flatten(self.final(x), 2)))
+        u, v, base = torch.split(silu(self.uv(self.gau_norm(feats))), [self.e, self.e, self.s], dim=2)
+        q, k = torch.unbind(base.unsqueeze(2) * self.gamma[None, None] + self.beta, dim=2)
+        kernel = torch.square(torch.relu(torch.bmm(q, k.permute(0, 2, 1)) / math.sqrt(self.s)))
+        feats = feats + self.o(u * torch.bmm(kernel, v))
+        return self.cls_x(feats) * 1e-3 + self.bias_x, self.cls_y(feats) * 1e-3 + self.bias_y
 
 
-def _export(module: nn.Module, shape, input_name: str, output_names: list[str], path: Path) -> None:
+def _export(module: nn.Module, shape, input_name: str, output_names: list[str], path: Path, opset: int = 17) -> None:
     module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter is the one that needs no onnxscript
         torch.onnx.export(module, (torch.rand(*shape) * 255,), str(path), input_names=[input_name],
-                          output_names=output_names, dynamo=False, opset_version=17)
+                          output_names=output_names, dynamo=False, opset_version=opset)
 
 
 def yolox_onnx(people=TINY_PEOPLE) -> Path:
@@ -142,9 +201,9 @@ def yolox_onnx(people=TINY_PEOPLE) -> Path:
 
     def build(path: Path) -> None:
         torch.manual_seed(0)
-        _export(TinyYolox(people), (1, 3, *DETECTOR_SIZE), "images", ["output"], path)
+        _export(TinyYolox(people), (1, 3, *DETECTOR_SIZE), "images", ["output"], path, opset=11)
 
-    return cached(f"preprocess/v1/yolox_{tag}/yolox_l.onnx", build)
+    return cached(f"preprocess/v2/yolox_{tag}/yolox_l.onnx", build)
 
 
 def dwpose_onnx(box=TINY_PEOPLE[0][:4]) -> Path:
@@ -155,7 +214,7 @@ def dwpose_onnx(box=TINY_PEOPLE[0][:4]) -> Path:
         torch.manual_seed(0)
         _export(TinyDWPose(box), (1, 3, *ESTIMATOR_SIZE), "input", ["simcc_x", "simcc_y"], path)
 
-    return cached(f"preprocess/v1/dwpose_{tag}/dw-ll_ucoco_384.onnx", build)
+    return cached(f"preprocess/v2/dwpose_{tag}/dw-ll_ucoco_384.onnx", build)
 
 
 def expected_keypoints(person=TINY_PEOPLE[0], frame_size: int = 64) -> np.ndarray:

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from ..attention import sdpa_attention
 from .model import AttentionTerm
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,11 @@ def _kernel():
 
     @triton.jit
     def eq1_kernel(q_ptr, k_ptr, v_ptr, o_ptr, stride_qb, stride_ql, stride_kb, stride_kn, stride_vb, stride_vn,
-                   stride_ob, stride_ol, length, face_start, cloth_start, tokens, heads, scale, alpha_face,
-                   alpha_cloth, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   stride_ob, stride_ol, length, face_start, cloth_start, tokens, heads, scale, alpha_ptr,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, ROW_BLOCKS: tl.constexpr):
         pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+        alpha_face, alpha_cloth = tl.load(alpha_ptr), tl.load(alpha_ptr + 1)
         b, h = pid_bh // heads, pid_bh % heads
         cols = tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
@@ -83,7 +85,7 @@ _failed: list[str] = []  # a compile/launch failure disables the kernel for the 
 
 
 def _triton_usable(device: torch.device) -> bool:
-    if _failed or (device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1"):
+    if _failed or not _kernel_device(device):
         return False
     try:
         _kernel()
@@ -92,43 +94,76 @@ def _triton_usable(device: torch.device) -> bool:
     return True
 
 
+def _kernel_device(device: torch.device) -> bool:
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def fused_decoupled_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                                     terms: Sequence[AttentionTerm]) -> torch.Tensor | None:
     """Eq. 1 like :func:`~dreamoving_core.guider.model.decoupled_cross_attention`, in one kernel.
 
-    ``q``: ``(B, L, heads·d)``; ``k, v``: ``(B, T, heads·d)`` text; ``terms`` with ``(B, N, heads·d)`` keys/values.
+    ``q``: ``(B, L, heads·d)``; ``k, v``: ``(B, T, heads·d)`` text; ``terms`` with ``(G, N, heads·d)`` keys/values
+    (``G`` groups of query rows, see :class:`~dreamoving_core.guider.model.AttentionTerm`).
     Returns ``None`` (the caller falls back) off CUDA, without triton, for more than two image terms, or when all
     keys do not fit one block (``MAX_BLOCK``; e.g. SD1.5's 160-wide heads, or full-face's 257 tokens).
+
+    The kernel runs as the custom op ``torch.ops.dreamoving.eq1``, so ``torch.compile`` keeps it in its graph (no
+    break; ``α`` may be a tensor) and CUDA graphs capture it. Every decision here depends on shapes and devices
+    only; while compiling, an unusable Triton is handled inside the op (one SDPA call per source).
     """
-    active = [t for t in terms if t.alpha != 0]
+    active = [t for t in terms if t.active]
     head_dim = q.shape[-1] // heads
     lengths = [k.shape[1], *(t.k.shape[1] for t in active)]
-    tokens = sum(lengths)
-    if not 1 <= len(active) <= 2 or not _fits(tokens, head_dim) or not _triton_usable(q.device):
+    if not 1 <= len(active) <= 2 or not _fits(sum(lengths), head_dim) or not _kernel_device(q.device):
         return None
-    triton, kernel = _kernel()
-    q = q.contiguous()
-    k_all = torch.cat([k.to(q.dtype), *(t.k.to(q.dtype) for t in active)], dim=1).contiguous()
-    v_all = torch.cat([v.to(q.dtype), *(t.v.to(q.dtype) for t in active)], dim=1).contiguous()
-    alphas = [float(t.alpha) for t in active] + [0.0]
-    out = torch.empty_like(q)
+    if not torch.compiler.is_compiling() and not _triton_usable(q.device):
+        return None
+    batch = q.shape[0]
+    per_row = [(t.k.to(q.dtype).repeat_interleave(batch // t.k.shape[0], 0),
+                t.v.to(q.dtype).repeat_interleave(batch // t.v.shape[0], 0)) for t in active]  # (G, N, C) -> (B, N, C)
+    k_all = torch.cat([k.to(q.dtype), *(tk for tk, _ in per_row)], dim=1)
+    v_all = torch.cat([v.to(q.dtype), *(tv for _, tv in per_row)], dim=1)
+    alphas = torch.stack([torch.as_tensor(t.alpha, dtype=torch.float32, device=q.device).reshape(())
+                          for t in active] + [torch.zeros((), device=q.device)])[:2]
+    return torch.ops.dreamoving.eq1(q, k_all, v_all, alphas, heads, lengths[0], lengths[0] + lengths[1])
+
+
+@torch.library.custom_op("dreamoving::eq1", mutates_args=())
+def _eq1(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, alphas: torch.Tensor, heads: int,
+         face_start: int, cloth_start: int) -> torch.Tensor:
+    """Eq. 1 on ``q (B, L, C)`` and the concatenated text | face | cloth keys/values ``(B, T, C)``; ``alphas``:
+    ``(2,)`` = ``α_f, α_c``; the face tokens are ``face_start..cloth_start-1``, the cloth tokens the rest."""
+    q, k_all, v_all, alphas = q.contiguous(), k_all.contiguous(), v_all.contiguous(), alphas.contiguous()
     batch, length, _ = q.shape
-    block_n, block_d = _blocks(tokens, head_dim)
-    block_m = BLOCK_M if block_n * block_d <= 8192 else BLOCK_M // 2
-    row_blocks = max(1, min(ROW_BLOCKS, triton.cdiv(length, block_m)))
-    grid = (triton.cdiv(length, block_m * row_blocks), batch * heads)
-    try:
-        kernel[grid](q, k_all, v_all, out, q.stride(0), q.stride(1), k_all.stride(0), k_all.stride(1),
-                     v_all.stride(0), v_all.stride(1), out.stride(0), out.stride(1), length, lengths[0],
-                     lengths[0] + lengths[1], tokens, heads, head_dim ** -0.5, alphas[0], alphas[1],
-                     HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, ROW_BLOCKS=row_blocks,
-                     num_warps=NUM_WARPS)
-    except Exception as err:  # e.g. no C compiler for triton's launcher: fall back to one call per term
-        _failed.append(str(err))
-        log.warning("DreaMoving Content Guider: fused attention kernel unavailable (%s); using the unfused path",
-                    str(err).splitlines()[0] if str(err) else type(err).__name__)
-        return None
+    tokens, head_dim = k_all.shape[1], q.shape[-1] // heads
+    out = torch.empty_like(q)
+    if _triton_usable(q.device):
+        triton, kernel = _kernel()
+        block_n, block_d = _blocks(tokens, head_dim)
+        block_m = BLOCK_M if block_n * block_d <= 8192 else BLOCK_M // 2
+        row_blocks = max(1, min(ROW_BLOCKS, triton.cdiv(length, block_m)))
+        grid = (triton.cdiv(length, block_m * row_blocks), batch * heads)
+        try:
+            kernel[grid](q, k_all, v_all, out, q.stride(0), q.stride(1), k_all.stride(0), k_all.stride(1),
+                         v_all.stride(0), v_all.stride(1), out.stride(0), out.stride(1), length, face_start,
+                         cloth_start, tokens, heads, head_dim ** -0.5, alphas, HEAD_DIM=head_dim, BLOCK_M=block_m,
+                         BLOCK_N=block_n, BLOCK_D=block_d, ROW_BLOCKS=row_blocks, num_warps=NUM_WARPS)
+            return out
+        except Exception as err:  # e.g. no C compiler for triton's launcher: one call per term from now on
+            _failed.append(str(err))
+            log.warning("DreaMoving Content Guider: fused attention kernel unavailable (%s); using the unfused path",
+                        str(err).splitlines()[0] if str(err) else type(err).__name__)
+    bounds = [(0, face_start, None), (face_start, cloth_start, alphas[0]), (cloth_start, tokens, alphas[1])]
+    for lo, hi, alpha in bounds:
+        if hi > lo:
+            part = sdpa_attention(q, k_all[:, lo:hi], v_all[:, lo:hi], heads)
+            out = part if alpha is None else out + alpha.to(out.dtype) * part
     return out
+
+
+@_eq1.register_fake
+def _(q, k_all, v_all, alphas, heads, face_start, cloth_start):
+    return torch.empty_like(q)
 
 
 def _blocks(tokens: int, head_dim: int) -> tuple[int, int]:

@@ -34,11 +34,48 @@ from .format import EMBED_NAMES, ENCODER_NAMES, ProjectionConfig, SourceWeights,
 
 @dataclass
 class AttentionTerm:
-    """One image term of Eq. 1: ``alpha · softmax(Q Kᵀ/√d) V`` with ``k, v``: ``(B, N, C)``."""
+    """One image term of Eq. 1: ``alpha · softmax(Q Kᵀ/√d) V`` with ``k, v``: ``(G, N, C)``.
 
-    alpha: float
+    The ``B`` query rows form ``G`` equal groups (``G`` divides ``B``), group ``g`` attending to ``k[g], v[g]``: under
+    classifier-free guidance ``G`` is the number of videos (cond, uncond) and each group is one video's frames, so the
+    image keys/values are read once per video, never copied per frame. ``alpha`` is a number, or a 0-dim tensor
+    (e.g. a sampling-range gate that must not leave a compiled graph).
+    """
+
+    alpha: float | torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+
+    @property
+    def active(self) -> bool:
+        """False only for a numeric ``alpha == 0`` (the term is skipped); a tensor ``alpha`` is always computed."""
+        return isinstance(self.alpha, torch.Tensor) or self.alpha != 0
+
+
+def gated_alpha(alpha: float, sigmas: torch.Tensor | None, sigma_start: float,
+                sigma_end: float) -> float | torch.Tensor:
+    """``alpha`` inside the sampling range ``sigma_end <= sigma <= sigma_start`` (``sigma``: the first of
+    ``sigmas``), 0 outside it. Eager code gets a number (a 0 skips the term); under ``torch.compile`` the gate is a
+    0-dim tensor, so reading the step's sigma neither breaks the graph nor recompiles it at the range's edges."""
+    if sigmas is None or alpha == 0:
+        return alpha
+    sigma = sigmas.detach().reshape(-1)[0]
+    if torch.compiler.is_compiling():
+        return alpha * ((sigma >= sigma_end) & (sigma <= sigma_start)).to(torch.float32)
+    return alpha if sigma_end <= float(sigma) <= sigma_start else 0.0
+
+
+def term_attention(q: torch.Tensor, term: AttentionTerm, heads: int,
+                   attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+    """``softmax(Q K_termᵀ/√d) V_term`` for ``q``: ``(B, L, C)``: each group of ``B / G`` rows is folded into one
+    sequence of queries (a free view), so one attention call covers every frame of a video against its ``N`` keys."""
+    batch, length, channels = q.shape
+    groups = term.k.shape[0]
+    if batch % groups:
+        raise InputMismatchError(f"{batch} query rows do not split into the {groups} groups of the image keys")
+    folded = q.reshape(groups, batch // groups * length, channels)
+    out = attention(folded, term.k.to(q.dtype), term.v.to(q.dtype), heads)
+    return out.reshape(batch, length, channels)
 
 
 def decoupled_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
@@ -46,14 +83,17 @@ def decoupled_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               text_out: torch.Tensor | None = None) -> torch.Tensor:
     """Eq. 1 on projected tensors: ``q``: ``(B, L, C)``; ``k, v``: ``(B, T, C)`` text keys/values.
 
-    The text term is computed once by ``attention`` (or taken from ``text_out``); each term with ``alpha != 0``
-    adds one attention call of its own (separate softmax), so with no active term the result is exactly
-    ``attention(q, k, v, heads)``.
+    The text term is computed once by ``attention`` (or taken from ``text_out``); each active term (see
+    :class:`AttentionTerm`) adds one attention call of its own (separate softmax), so with no active term the
+    result is exactly ``attention(q, k, v, heads)``.
     """
     out = attention(q, k, v, heads) if text_out is None else text_out
     for term in terms:
-        if term.alpha != 0:
-            out = torch.add(out, attention(q, term.k.to(q.dtype), term.v.to(q.dtype), heads), alpha=term.alpha)
+        if not term.active:
+            continue
+        image = term_attention(q, term, heads, attention)
+        out = out + term.alpha.to(out.dtype) * image if isinstance(term.alpha, torch.Tensor) else \
+            torch.add(out, image, alpha=term.alpha)
     return out
 
 
@@ -192,22 +232,28 @@ class ContentKV:
     def __post_init__(self):
         self._cache: dict = {}
 
+    def prepare(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Move every layer's keys/values to ``device`` in ``dtype`` now (a host calls it before sampling, so a
+        compiled U-Net finds them there and never traces the move)."""
+        for layer in range(len(self.keys)):
+            self._on(layer, device, dtype)
+
+    def _on(self, layer: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (layer, device, dtype)
+        if key not in self._cache:  # moved once per device and dtype, not per step
+            self._cache[key] = (self.keys[layer].to(device, dtype), self.values[layer].to(device, dtype))
+        return self._cache[key]
+
     def for_batch(self, layer: int, cond_or_uncond: Sequence[int], batch: int, device: torch.device,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(k, v)`` of shape ``(batch, N, C)``: the batch is ``len(cond_or_uncond)`` equal chunks (0 = cond,
-        1 = uncond, as ComfyUI batches CFG), each chunk any number of frames or context-window frames."""
-        key = (layer, device, dtype)
-        if key not in self._cache:
-            self._cache[key] = (self.keys[layer].to(device, dtype), self.values[layer].to(device, dtype))
-        k, v = self._cache[key]
-        chunks = len(cond_or_uncond) if cond_or_uncond and batch % len(cond_or_uncond) == 0 else 0
-        if not chunks:
-            return k[:1].expand(batch, -1, -1), v[:1].expand(batch, -1, -1)
-        layout = (tuple(min(int(c), 1) for c in cond_or_uncond), batch, device)
-        if layout not in self._cache:  # built once per layout, not per layer call
-            self._cache[layout] = torch.tensor(layout[0], device=device).repeat_interleave(batch // chunks)
-        rows = self._cache[layout]
-        return k[rows], v[rows]
+        """``(k, v)`` of shape ``(G, N, C)`` for :class:`AttentionTerm`: the batch is ``G = len(cond_or_uncond)``
+        equal groups (0 = cond, 1 = uncond, as ComfyUI batches CFG), each any number of frames or context-window
+        frames; ``G = 1`` (the cond row for every query) when the batch does not split so."""
+        k, v = self._on(layer, device, dtype)
+        if not cond_or_uncond or batch % len(cond_or_uncond):
+            return k[:1], v[:1]
+        rows = [min(int(c), 1) for c in cond_or_uncond]
+        return (k, v) if rows == [0, 1] else (k[rows], v[rows])
 
 
 class ContentSource(nn.Module):

@@ -161,10 +161,12 @@ class TemporalTransformerBlock(nn.Module):
 
 
 class TemporalTransformer(nn.Module):
-    """The temporal residual of AnimateDiff's temporal transformer: ``(B·F, C, H, W) -> (B·F, C, H, W)``.
+    """The temporal residual of AnimateDiff's temporal transformer: ``(B·F, C, H, W) -> (B, F, C, H, W)``.
 
     Group norm per frame, projection in, the transformer blocks over frames at each pixel, projection out (zero at
-    initialisation). The input itself is not added here.
+    initialisation). The input itself is not added here. The frames are folded once, into the projection in; the
+    residual comes back as a strided view of the ``(B·H·W, F, C)`` sequences, so unfolding costs no copy: the
+    caller's residual add reads it in place.
     """
 
     def __init__(self, channels: int, config: MotionModuleConfig, ops=TORCH_OPS):
@@ -186,7 +188,7 @@ class TemporalTransformer(nn.Module):
         for block in self.transformer_blocks:
             x = block(x, attention)
         x = self.proj_out(x)
-        return rearrange(x, "(b h w) f c -> (b f) c h w", h=height, w=width)
+        return rearrange(x, "(b h w) f c -> b f c h w", h=height, w=width)
 
 
 class MotionBlock(nn.Module):
@@ -219,9 +221,9 @@ class MotionBlock(nn.Module):
             raise InputMismatchError(f"a batch of {hidden_states.shape[0]} feature maps does not split into videos of "
                                      f"{num_frames} frames")
         residual = self.temporal_transformer(hidden_states, num_frames, attention)
-        if scale == 1:
-            return hidden_states + residual
-        return hidden_states + scale * residual
+        videos = hidden_states.view(residual.shape)
+        out = videos + residual if scale == 1 else torch.add(videos, residual, alpha=scale)
+        return out.view(hidden_states.shape)
 
 
 class MotionModule(nn.Module):

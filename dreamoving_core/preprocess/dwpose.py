@@ -9,8 +9,13 @@ letterbox to the detector size padded with grey 114 (raw 0..255 pixels), candida
 boxes above 0.3; crops of the box grown by 1.25 at the estimator's aspect ratio, ImageNet mean/std normalisation;
 keypoints below 0.3 dropped. Images are RGB, as the annotator feeds both models.
 
-Each ``DWPose`` owns its two sessions (``dreamoving_core.onnx_sessions``: opened on first use on CUDA when it is
-available and actually starts, else on the CPU; dropped by ``release()``); one log line names the providers in use.
+Two backends run the same two files. ``"onnxruntime"``: each ``DWPose`` owns its two sessions
+(``dreamoving_core.onnx_sessions``: opened on first use on CUDA when it is available and actually starts, else on the
+CPU). ``"torch"``: the graphs converted at load time (``preprocess.onnx_torch``) run on torch's device, every
+frame of a chunk in one detector call and every person of the chunk in one estimator call; onnxruntime-gpu is not
+needed. ``"auto"`` picks torch where torch has CUDA (its batched GPU path is the fast one; onnxruntime-gpu often
+fails to start and falls back to the CPU), else onnxruntime (faster than torch on the CPU). ``release()`` drops
+sessions and modules; one log line names the backend and where it runs.
 """
 from __future__ import annotations
 
@@ -22,9 +27,10 @@ import numpy as np
 import torch
 
 from ..detection import nms
-from ..errors import InputMismatchError, ModelFormatError
+from ..errors import DreaMovingError, InputMismatchError, ModelFormatError
 from ..io import first_line
-from ..onnx_sessions import OnnxModel, log_providers, open_session
+from ..onnx_sessions import OnnxModel, log, log_providers, open_session
+from .onnx_torch import OnnxModule, load_onnx_module
 from .pose import PoseFrame, from_wholebody
 
 DETECTOR_FILE = "yolox_l.onnx"
@@ -34,6 +40,8 @@ LETTERBOX_FILL = 114
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)
 PIXEL_STD = np.array([58.395, 57.12, 57.375], dtype=np.float32)
 LABEL = "DWPose"
+BACKENDS = ("auto", "onnxruntime", "torch")
+FRAME_CHUNK = 16  # frames per detector call (and their people per estimator call) on the torch backend
 
 onnx_session = open_session  # the name this module published first
 
@@ -50,53 +58,107 @@ class DWPoseConfig:
     simcc_split_ratio: float = 2.0  # SimCC bins per input pixel
 
 
-def _input_hw(session, default: tuple[int, int]) -> tuple[int, int]:
-    """``(height, width)`` of the model's NCHW input; ``default`` for dynamic axes."""
-    shape = session.get_inputs()[0].shape
+def _input_hw(shape, default: tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of an NCHW input ``shape``; ``default`` for dynamic axes."""
     h, w = shape[2:4] if len(shape) == 4 else (None, None)
-    return (h if isinstance(h, int) else default[0], w if isinstance(w, int) else default[1])
+    return (h if isinstance(h, int) and h > 0 else default[0], w if isinstance(w, int) and w > 0 else default[1])
 
 
-def _fixed_batch(session) -> bool:
-    return session.get_inputs()[0].shape[0] == 1
-
-
-def _check_image_input(session, name: str, model: str) -> None:
-    """The model must take one ``(N, 3, H, W)`` image, as both DWPose stages do."""
-    inputs = session.get_inputs()
-    shape = inputs[0].shape if len(inputs) == 1 else None
+def _check_image_input(inputs: list[list], name: str, model: str) -> None:
+    """The model must take one ``(N, 3, H, W)`` image, as both DWPose stages do (``inputs``: the input shapes)."""
+    shape = inputs[0] if len(inputs) == 1 else None
     if shape is None or len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
-        found = ", ".join(f"{i.name} {i.shape}" for i in inputs)
+        found = ", ".join(str(list(s)) for s in inputs)
         raise ModelFormatError(f"'{name}' is not a {model}: expected one image input (1, 3, height, width), "
                                f"found {found}")
 
 
-def _run(session, name: str, blob: np.ndarray) -> list[np.ndarray]:
-    """``session`` on ``blob``; an error of onnxruntime's (a model that does not take the input) names the file."""
-    try:
-        return session.run(None, {session.get_inputs()[0].name: blob})
-    except Exception as err:  # onnxruntime's own InvalidArgument / Fail types
-        raise ModelFormatError(f"'{name}' refused its input {tuple(blob.shape)} ({first_line(err)}); "
-                               "it is not the DWPose model it is named after") from err
-
-
-def _check_detector(session, name: str) -> None:
-    _check_image_input(session, name, "YOLOX detector")
-    outs = session.get_outputs()
-    last = outs[0].shape[-1] if len(outs) == 1 else None
-    if len(outs) != 1 or len(outs[0].shape) != 3 or (isinstance(last, int) and last < 6):
-        found = ", ".join(f"{o.name} {o.shape}" for o in outs)
+def _check_detector(outputs: list[tuple[str, list]], inputs: list[list], name: str) -> None:
+    _check_image_input(inputs, name, "YOLOX detector")
+    last = outputs[0][1][-1] if len(outputs) == 1 and outputs[0][1] else None
+    if len(outputs) != 1 or len(outputs[0][1]) != 3 or (isinstance(last, int) and 0 < last < 6):
+        found = ", ".join(f"{o} {shape}" for o, shape in outputs)
         raise ModelFormatError(
             f"'{name}' is not a YOLOX detector: expected one output (1, anchors, 5 + classes), found {found}")
 
 
-def _check_estimator(session, name: str) -> None:
-    _check_image_input(session, name, "DWPose estimator")
-    outs = session.get_outputs()
-    if len(outs) != 2 or any(len(o.shape) != 3 for o in outs):
-        found = ", ".join(f"{o.name} {o.shape}" for o in outs)
+def _check_estimator(outputs: list[tuple[str, list]], inputs: list[list], name: str) -> None:
+    _check_image_input(inputs, name, "DWPose estimator")
+    if len(outputs) != 2 or any(len(shape) != 3 for _, shape in outputs):
+        found = ", ".join(f"{o} {shape}" for o, shape in outputs)
         raise ModelFormatError(
             f"'{name}' is not a DWPose estimator: expected outputs simcc_x and simcc_y, found {found}")
+
+
+def pick_backend(backend: str, device: str) -> str:
+    """The backend ``"auto"`` means on ``device`` (see the module docstring); others as given."""
+    if backend not in BACKENDS:
+        raise DreaMovingError(f"{LABEL}: backend must be one of {', '.join(BACKENDS)}, got '{backend}'")
+    if backend != "auto":
+        return backend
+    return "torch" if device != "cpu" and torch.cuda.is_available() else "onnxruntime"
+
+
+class _Stage:
+    """One of the two graphs on the chosen backend: ``run(batch (N, 3, h, w)) -> {output name: (N, ...)}``."""
+
+    def __init__(self, path: str, device: str, backend: str, check: Callable):
+        self.model = OnnxModel(path, device, LABEL)
+        self.backend, self.check = backend, check
+        self.torch_device = torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+        self._module: OnnxModule | None = None
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def is_open(self) -> bool:
+        return self._module is not None if self.backend == "torch" else self.model.is_open
+
+    @property
+    def where(self) -> str:
+        return str(self.torch_device) if self.backend == "torch" else self.model.provider
+
+    @property
+    def module(self) -> OnnxModule:
+        if self._module is None:
+            module = load_onnx_module(self.model.path)
+            self.check(list(zip(module.output_names, module.output_shapes)), module.input_shapes, self.name)
+            self._module = module.to(self.torch_device)
+        return self._module
+
+    @property
+    def session(self):
+        session = self.model.session
+        self.check([(o.name, o.shape) for o in session.get_outputs()], [i.shape for i in session.get_inputs()],
+                   self.name)
+        return session
+
+    def input_hw(self, default: tuple[int, int]) -> tuple[int, int]:
+        if self.backend == "torch":
+            return _input_hw(self.module.input_shape, default)
+        return _input_hw(self.session.get_inputs()[0].shape, default)
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        if self.backend == "torch":
+            module = self.module
+            with torch.inference_mode():
+                outs = module(torch.from_numpy(batch).to(self.torch_device))
+            return {n: o.float().cpu().numpy() for n, o in zip(module.output_names, outs)}
+        session = self.session
+        name = session.get_inputs()[0].name
+        rows = [batch[i:i + 1] for i in range(len(batch))] if session.get_inputs()[0].shape[0] == 1 else [batch]
+        try:
+            outs = [session.run(None, {name: chunk}) for chunk in rows]
+        except Exception as err:  # onnxruntime's own InvalidArgument / Fail types
+            raise ModelFormatError(f"'{self.name}' refused its input {tuple(batch.shape)} ({first_line(err)}); "
+                                   "it is not the DWPose model it is named after") from err
+        return {o.name: np.concatenate([out[i] for out in outs]) for i, o in enumerate(session.get_outputs())}
+
+    def release(self) -> None:
+        self.model.release()
+        self._module = None
 
 
 def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float]:
@@ -164,90 +226,111 @@ def decode_simcc(simcc_x: np.ndarray, simcc_y: np.ndarray, split_ratio: float = 
 
 
 class DWPose:
-    """The two-stage whole-body estimator on two ONNX files; its sessions open on first call, ``release()`` closes
-    them (they reopen when next used).
+    """The two-stage whole-body estimator on two ONNX files, on the ``backend`` of the module docstring; sessions or
+    converted modules are made on first call, ``release()`` drops them (they come back when next used).
 
     >>> frame = DWPose("yolox_l.onnx", "dw-ll_ucoco_384.onnx")(rgb_uint8_hw3)   # PoseFrame
     """
 
     def __init__(self, detector_path: str | os.PathLike, estimator_path: str | os.PathLike, device: str = "auto",
-                 config: DWPoseConfig = DWPoseConfig()):
+                 config: DWPoseConfig = DWPoseConfig(), backend: str = "auto"):
         self.detector_path, self.estimator_path = os.fspath(detector_path), os.fspath(estimator_path)
         self.device, self.config = device, config
-        self.models = (OnnxModel(detector_path, device, LABEL), OnnxModel(estimator_path, device, LABEL))
+        self.backend = pick_backend(backend, device.lower())
+        self.stages = (_Stage(self.detector_path, device, self.backend, _check_detector),
+                       _Stage(self.estimator_path, device, self.backend, _check_estimator))
+        self.models = tuple(stage.model for stage in self.stages)
         self._logged = False
 
-    def _session(self, model: OnnxModel, check: Callable) -> object:
-        session = model.session
-        check(session, model.name)
-        if not self._logged and all(m.is_open for m in self.models):
-            log_providers(LABEL, list(self.models))
+    def _stage(self, index: int) -> _Stage:
+        stage = self.stages[index]
+        stage.input_hw((0, 0))  # opens and checks it
+        if not self._logged and all(s.is_open for s in self.stages):
+            if self.backend == "torch":
+                log.info("%s: torch backend on %s (%s converted from ONNX)", LABEL, stage.where,
+                         ", ".join(s.name for s in self.stages))
+            else:
+                log_providers(LABEL, list(self.models))
             self._logged = True
-        return session
+        return stage
 
     @property
     def detector(self):
-        return self._session(self.models[0], _check_detector)
+        """The detector's onnxruntime session (onnxruntime backend)."""
+        return self._stage(0).session
 
     @property
     def estimator(self):
-        return self._session(self.models[1], _check_estimator)
+        """The estimator's onnxruntime session (onnxruntime backend)."""
+        return self._stage(1).session
 
     @property
     def providers(self) -> list[str]:
-        """Providers the two sessions run on (detector first)."""
-        return [self.detector.get_providers()[0], self.estimator.get_providers()[0]]
+        """Where the two stages run (detector first): onnxruntime providers, or ``torch:<device>``."""
+        return [self._stage(i).where if self.backend == "onnxruntime" else f"torch:{self._stage(i).where}"
+                for i in range(2)]
 
     def release(self) -> None:
-        """Close both sessions (their memory goes with them); the next call opens them again."""
-        for model in self.models:
-            model.release()
+        """Close both sessions / drop both converted modules (their memory goes with them); the next call makes
+        them again."""
+        for stage in self.stages:
+            stage.release()
         self._logged = False
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         """Person boxes ``(N, 4)`` ``(x1, y1, x2, y2)`` in pixels of ``image`` ``(H, W, 3)`` uint8 RGB."""
-        session, cfg = self.detector, self.config
-        size = _input_hw(session, (640, 640))
-        blob, ratio = letterbox(image, size)
-        output = _run(session, os.path.basename(self.detector_path), blob[None])[0][0]
-        boxes, scores = decode_yolox(output, size)
-        boxes = boxes / ratio
-        candidate = scores > cfg.candidate_threshold
-        boxes, scores = boxes[candidate], scores[candidate]
-        keep = nms(boxes, scores, cfg.nms_threshold)
-        keep = keep[scores[keep] > cfg.box_threshold]
-        return boxes[keep]
+        return self.detect_frames([image])[0]
+
+    def detect_frames(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """:meth:`detect` of every image, the detector run once on all of them."""
+        stage, cfg = self._stage(0), self.config
+        size = stage.input_hw((640, 640))
+        blobs, ratios = zip(*(letterbox(image, size) for image in images))
+        outputs = next(iter(stage.run(np.stack(blobs)).values()))
+        found = []
+        for output, ratio in zip(outputs, ratios):
+            boxes, scores = decode_yolox(output, size)
+            boxes = boxes / ratio
+            candidate = scores > cfg.candidate_threshold
+            boxes, scores = boxes[candidate], scores[candidate]
+            keep = nms(boxes, scores, cfg.nms_threshold)
+            found.append(boxes[keep[scores[keep] > cfg.box_threshold]])
+        return found
 
     def estimate(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """COCO-WholeBody keypoints of the people in ``boxes`` ``(N, 4)``.
 
         Returns keypoints ``(N, 133, 2)`` in pixels of ``image`` and scores ``(N, 133)``.
         """
+        return self.estimate_frames([image], [boxes])[0]
+
+    def estimate_frames(self, images: list[np.ndarray],
+                        boxes: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`estimate` of every image with its boxes, the estimator run once on all their people."""
         import cv2
 
-        session, cfg = self.estimator, self.config
-        in_h, in_w = _input_hw(session, (384, 288))
+        stage, cfg = self._stage(1), self.config
+        in_h, in_w = stage.input_hw((384, 288))
         crops, centers, sizes = [], [], []
-        for box in boxes:
-            matrix, center, size = crop_affine(box, (in_w, in_h), cfg.box_padding)
-            crop = cv2.warpAffine(image, matrix, (in_w, in_h), flags=cv2.INTER_LINEAR).astype(np.float32)
-            crops.append(((crop - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1))
-            centers.append(center)
-            sizes.append(size)
+        for image, frame_boxes in zip(images, boxes):
+            for box in frame_boxes:
+                matrix, center, size = crop_affine(box, (in_w, in_h), cfg.box_padding)
+                crop = cv2.warpAffine(image, matrix, (in_w, in_h), flags=cv2.INTER_LINEAR).astype(np.float32)
+                crops.append(((crop - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1))
+                centers.append(center)
+                sizes.append(size)
+        counts = [len(b) for b in boxes]
         if not crops:
-            return np.zeros((0, 133, 2), np.float32), np.zeros((0, 133), np.float32)
-        batch = np.stack(crops).astype(np.float32)
-        name = os.path.basename(self.estimator_path)
-        chunks = [batch[i:i + 1] for i in range(len(batch))] if _fixed_batch(session) else [batch]
-        outs = [_run(session, name, chunk) for chunk in chunks]
-        by_name = {o.name: i for i, o in enumerate(session.get_outputs())}
-        ix, iy = by_name.get("simcc_x", 0), by_name.get("simcc_y", 1)
-        simcc_x = np.concatenate([o[ix] for o in outs])
-        simcc_y = np.concatenate([o[iy] for o in outs])
+            return [(np.zeros((0, 133, 2), np.float32), np.zeros((0, 133), np.float32)) for _ in images]
+        outs = stage.run(np.stack(crops).astype(np.float32))
+        names = list(outs)
+        simcc_x = outs.get("simcc_x", outs[names[0]])
+        simcc_y = outs.get("simcc_y", outs[names[1]])
         locs, scores = decode_simcc(simcc_x, simcc_y, cfg.simcc_split_ratio)
         sizes_a, centers_a = np.stack(sizes)[:, None], np.stack(centers)[:, None]
-        keypoints = locs / np.array([in_w, in_h]) * sizes_a + centers_a - sizes_a / 2
-        return keypoints.astype(np.float32), scores.astype(np.float32)
+        keypoints = (locs / np.array([in_w, in_h]) * sizes_a + centers_a - sizes_a / 2).astype(np.float32)
+        bounds = np.cumsum([0, *counts])
+        return [(keypoints[a:b], scores[a:b].astype(np.float32)) for a, b in zip(bounds, bounds[1:])]
 
     def __call__(self, image: np.ndarray, detect_resolution: int = 512) -> PoseFrame:
         """Poses of all people in ``image`` ``(H, W, 3)`` uint8 RGB, in its own pixel coordinates.
@@ -255,29 +338,34 @@ class DWPose:
         detect_resolution: the image is scaled so its shorter side has this many pixels before both stages
         (0 keeps it as it is).
         """
+        return self.frames([image], detect_resolution)[0]
+
+    def frames(self, images: list[np.ndarray], detect_resolution: int = 512) -> list[PoseFrame]:
+        """:meth:`__call__` of every image (all of one size), both stages run once for all of them."""
         import cv2
 
-        height, width = image.shape[:2]
+        height, width = images[0].shape[:2]
         work_h, work_w = work_size(height, width, detect_resolution)
-        work = image
+        works = images
         if (work_h, work_w) != (height, width):
             interp = cv2.INTER_CUBIC if work_h > height else cv2.INTER_AREA
-            work = cv2.resize(image, (work_w, work_h), interpolation=interp)
-        boxes = self.detect(work)
-        keypoints, scores = self.estimate(work, boxes)
-        keypoints = keypoints * np.array([width / work.shape[1], height / work.shape[0]], dtype=np.float32)
-        return from_wholebody(keypoints, scores, height, width, self.config.keypoint_threshold)
+            works = [cv2.resize(image, (work_w, work_h), interpolation=interp) for image in images]
+        found = self.estimate_frames(works, self.detect_frames(works))
+        scale = np.array([width / work_w, height / work_h], dtype=np.float32)
+        return [from_wholebody(keypoints * scale, scores, height, width, self.config.keypoint_threshold)
+                for keypoints, scores in found]
 
     def video(self, frames: torch.Tensor | np.ndarray, detect_resolution: int = 512,
               progress: Callable[[int], None] | None = None) -> list[PoseFrame]:
         """Poses of every frame of ``frames`` ``(F, H, W, 3)`` (float in 0..1, or uint8); ``progress(i)`` after
-        each frame."""
+        each chunk of frames (one frame at a time on onnxruntime, ``FRAME_CHUNK`` on torch)."""
         images = to_uint8(frames)
-        out = []
-        for i, image in enumerate(images):
-            out.append(self(image, detect_resolution))
+        chunk = FRAME_CHUNK if self.backend == "torch" else 1
+        out: list[PoseFrame] = []
+        for start in range(0, len(images), chunk):
+            out += self.frames(list(images[start:start + chunk]), detect_resolution)
             if progress:
-                progress(i + 1)
+                progress(len(out))
         return out
 
 
