@@ -149,6 +149,13 @@ class ImageProjection(nn.Module):
             raise ModelFormatError(f"'{name}': image projection weights do not fit a {self.cfg.kind} projection "
                                    f"({str(err).splitlines()[0]})") from err
 
+    def file_weights(self) -> dict[str, torch.Tensor]:
+        """The weights under the file's key names (the inverse of :meth:`load_weights`)."""
+        weights = self.state_dict()
+        if self.cfg.kind == "resampler":
+            weights = {k.removeprefix("resampler."): v for k, v in weights.items()}
+        return weights
+
     def forward(self, clip: torch.Tensor | None, arcface: torch.Tensor | None = None,
                 shortcut_scale: float = 1.0) -> torch.Tensor:
         """``clip``: ``(B, E)`` image_embeds or ``(B, T, W)`` hidden states; ``arcface``: ``(B, 512)``."""
@@ -224,6 +231,11 @@ class ContentSource(nn.Module):
         self.to_k = nn.ModuleList(_linear(w) for w in weights.to_k)
         self.to_v = nn.ModuleList(_linear(w) for w in weights.to_v)
 
+    def source_weights(self) -> SourceWeights:
+        """This source's current weights in the file layout (what :func:`~.format.guider_state_dict` saves)."""
+        return SourceWeights(self.config, self.projection.file_weights(), [layer.weight for layer in self.to_k],
+                             [layer.weight for layer in self.to_v])
+
     @property
     def config(self) -> ProjectionConfig:
         return self.projection.cfg
@@ -255,14 +267,17 @@ class ContentSource(nn.Module):
                                      f"({cfg.encoder_name}); the CLIP vision model gives {clip.shape[-1]} ({found}). "
                                      f"Load the {cfg.encoder_name} image encoder this adapter was trained with")
 
+    def project(self, features: ImageFeatures, shortcut_scale: float = 1.0) -> torch.Tensor:
+        """Context tokens ``(n, N, C)``, one row per image of ``features`` (differentiable: training calls it)."""
+        clip = features.image_embeds if self.config.clip_input == "image_embeds" else features.penultimate_hidden_states
+        arcface = features.arcface
+        return self.projection(None if clip is None else clip.float(), None if arcface is None else arcface.float(),
+                               shortcut_scale)
+
     @torch.no_grad()
     def tokens(self, features: ImageFeatures, shortcut_scale: float = 1.0) -> torch.Tensor:
         """Context tokens ``(1, n·N, C)`` of ``n`` reference images (their tokens side by side)."""
-        clip = features.image_embeds if self.config.clip_input == "image_embeds" else features.penultimate_hidden_states
-        arcface = features.arcface
-        tokens = self.projection(None if clip is None else clip.float(),
-                                 None if arcface is None else arcface.float(), shortcut_scale)
-        return rearrange(tokens, "n t c -> 1 (n t) c")
+        return rearrange(self.project(features, shortcut_scale), "n t c -> 1 (n t) c")
 
     @torch.no_grad()
     def keys_values(self, features: ImageFeatures, blank: ImageFeatures, what: str = "image",
