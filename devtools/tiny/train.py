@@ -1,11 +1,14 @@
 """Tiny models and data for the training tests, in the real formats.
 
-* ``training_checkpoint(vae)``: an SD1.5-shaped single file with the tiny U-Net of ``checkpoint.TINY_UNET_CONFIG``
-  (healthy random weights: unit norms, 1/√fan-in layers, so gradients reach every block), the tiny checkpoint's
-  CLIP-L text encoder and, for ``vae="kl"``, a small KL autoencoder in the LDM layout (what diffusers'
-  ``AutoencoderKL`` reads; ComfyUI only reads KL VAEs of SD's full widths) or, for ``vae="taesd"``, the TAESD that
-  ComfyUI decodes with. Both share U-Net and text encoder bit for bit, so ComfyUI runs (over HTTP) what was trained.
-* ``components_dir()``: the shipped SD1.5 component configs with the tiny U-Net's and VAE's.
+* ``training_checkpoint(vae, size)``: an SD1.5-shaped single file (LDM keys, 768-wide cross-attention, CLIP-L text
+  encoder keys, KL VAE). ``size="comfy"``: the tiny U-Net of ``checkpoint.TINY_UNET_CONFIG`` (320 wide, what ComfyUI
+  detects as SD1.5) and the tiny checkpoint's CLIP-L; ``size="small"``: a 64-wide U-Net and a one-layer CLIP text
+  encoder, for the tests that take many steps. U-Nets get healthy random weights (unit norms, 1/√fan-in layers) so
+  gradients reach every block. ``vae="kl"``: a small KL autoencoder in the LDM layout (what diffusers'
+  ``AutoencoderKL`` reads; ComfyUI only reads KL VAEs of SD's full widths); ``vae="taesd"``: the TAESD ComfyUI decodes
+  with. The two VAE variants of a size share U-Net and text encoder bit for bit, so ComfyUI runs what was trained.
+* ``components_dir(size)``: the shipped SD1.5 component configs with the tiny U-Net's, VAE's and text encoder's.
+* ``small_motion_module()`` / ``small_controlnet()``: our motion module and an image ControlNet for the small U-Net.
 * ``clip_dataset()`` / ``face_dataset()``: prepared data folders (``clips.jsonl`` / ``faces.jsonl``) with synthetic
   dance clips written by PyAV, their pose JSON and depth safetensors, face images, crops and ArcFace embeddings.
 """
@@ -17,44 +20,65 @@ from pathlib import Path
 
 from devtools.tiny import cached, comfy_importable
 
-VERSION = "v2"
+VERSION = "v3"
+SIZES = ("comfy", "small")
+SMALL_UNET_CONFIG = dict(
+    image_size=32, in_channels=4, out_channels=4, model_channels=64, num_res_blocks=[1, 1], channel_mult=[1, 1],
+    num_heads=8, use_spatial_transformer=True, transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1],
+    transformer_depth_middle=1, context_dim=768, use_linear_in_transformer=False,
+)
 TINY_VAE_CONFIG = {
     "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [32, 32, 32, 32],
     "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3, "latent_channels": 4, "layers_per_block": 1,
     "norm_num_groups": 32, "out_channels": 3, "sample_size": 64, "scaling_factor": 0.18215,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
-TINY_DIFFUSERS_UNET_CONFIG = {
-    "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 320],
-    "center_input_sample": False, "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
-    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 1, "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4, "sample_size": 8,
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-}
+SMALL_TEXT_LAYERS = 1
 CLIP_FRAMES, CLIP_SIZE, CLIP_FPS = 12, 80, 8
 
 
-def _healthy_unet():
-    """The tiny LDM U-Net with weights a signal survives: norms 1/0, conv and linear ~ U(±1/√fan_in), biases 0."""
+def _ldm_unet_config(size: str) -> dict:
+    from devtools.tiny.checkpoint import TINY_UNET_CONFIG
+
+    return TINY_UNET_CONFIG if size == "comfy" else SMALL_UNET_CONFIG
+
+
+def diffusers_unet_config(size: str) -> dict:
+    """The diffusers ``UNet2DConditionModel`` config of the tiny U-Net of ``size`` (2 levels, attention in both)."""
+    width = _ldm_unet_config(size)["model_channels"]
+    return {"_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+            "block_out_channels": [width, width], "center_input_sample": False, "cross_attention_dim": 768,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], "downsample_padding": 1,
+            "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 1,
+            "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32, "out_channels": 4,
+            "sample_size": 8, "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}
+
+
+def _healthy(module):
+    """Weights a signal survives: norms 1/0, conv and linear ~ U(±1/√fan_in), biases 0."""
+    import torch
+
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+            elif isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+                bound = 1.0 / (m.weight[0].numel() ** 0.5)
+                m.weight.uniform_(-bound, bound)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return module
+
+
+def _unet_weights(size: str) -> dict:
     import torch
 
     import comfy.ldm.modules.diffusionmodules.openaimodel as openaimodel
-    from devtools.tiny.checkpoint import TINY_UNET_CONFIG
 
     torch.manual_seed(0)
-    unet = openaimodel.UNetModel(**TINY_UNET_CONFIG, dtype=torch.float32, device="cpu")
-    with torch.no_grad():
-        for module in unet.modules():
-            if isinstance(module, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
-                module.weight.fill_(1.0)
-                module.bias.zero_()
-            elif isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                bound = 1.0 / (module.weight[0].numel() ** 0.5)
-                module.weight.uniform_(-bound, bound)
-                if module.bias is not None:
-                    module.bias.zero_()
-    return unet
+    unet = openaimodel.UNetModel(**_ldm_unet_config(size), dtype=torch.float32, device="cpu")
+    return _healthy(unet).state_dict()
 
 
 def _kl_vae_ldm_weights() -> dict:
@@ -65,15 +89,39 @@ def _kl_vae_ldm_weights() -> dict:
     import comfy.diffusers_convert
 
     torch.manual_seed(1)
-    config = {k: v for k, v in TINY_VAE_CONFIG.items() if not k.startswith("_")}
-    vae = AutoencoderKL(**config)
+    vae = AutoencoderKL(**{k: v for k, v in TINY_VAE_CONFIG.items() if not k.startswith("_")})
     return comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict())
 
 
-def training_checkpoint(vae: str = "kl") -> Path:
-    """The tiny training checkpoint with a KL VAE (``"kl"``, for diffusers) or TAESD (``"taesd"``, for ComfyUI)."""
-    if vae not in ("kl", "taesd"):
-        raise ValueError("vae must be 'kl' or 'taesd'")
+def _small_text_config() -> dict:
+    from dreamoving_core.train.base import SD15_COMPONENTS
+
+    config = json.loads((SD15_COMPONENTS / "text_encoder" / "config.json").read_text())
+    return {**config, "num_hidden_layers": SMALL_TEXT_LAYERS}
+
+
+def _text_weights(size: str) -> dict:
+    """The text encoder under the key names of real SD1.5 files (``cond_stage_model.transformer.text_model.*``)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from devtools.tiny.checkpoint import sd15_checkpoint
+
+    prefix = "cond_stage_model.transformer."
+    if size == "comfy":  # the tiny checkpoint's CLIP-L, saved with transformers 5's flat names
+        flat = {k[len(prefix):]: v for k, v in load_file(str(sd15_checkpoint())).items() if k.startswith(prefix)}
+    else:
+        torch.manual_seed(2)
+        flat = {k: v.half() for k, v in CLIPTextModel(CLIPTextConfig(**_small_text_config())).state_dict().items()}
+    return {f"{prefix}{k if k.startswith('text_model.') else 'text_model.' + k}": v for k, v in flat.items()}
+
+
+def training_checkpoint(vae: str = "kl", size: str = "comfy") -> Path:
+    """The tiny training checkpoint of ``size`` with a KL VAE (``"kl"``, for diffusers) or TAESD (``"taesd"``, for
+    ComfyUI)."""
+    if vae not in ("kl", "taesd") or size not in SIZES:
+        raise ValueError("vae must be 'kl' or 'taesd', size 'comfy' or 'small'")
 
     def build(path: Path) -> None:
         comfy_importable()
@@ -81,31 +129,57 @@ def training_checkpoint(vae: str = "kl") -> Path:
 
         from devtools.tiny.checkpoint import sd15_checkpoint
 
-        base = load_file(str(sd15_checkpoint()))
-        # the text encoder under the key names of real SD1.5 files (the tiny checkpoint has transformers 5's flat ones)
-        prefix = "cond_stage_model.transformer."
-        weights = {k.replace(prefix, f"{prefix}text_model.") if not k.startswith(f"{prefix}text_model.") else k: v
-                   for k, v in base.items() if k.startswith(prefix)}
-        weights.update({f"model.diffusion_model.{k}": v.half() for k, v in _healthy_unet().state_dict().items()})
+        weights = _text_weights(size)
+        weights.update({f"model.diffusion_model.{k}": v.half() for k, v in _unet_weights(size).items()})
         if vae == "kl":
             weights.update({f"first_stage_model.{k}": v.half() for k, v in _kl_vae_ldm_weights().items()})
         else:
-            weights.update({k: v for k, v in base.items() if k.startswith("first_stage_model.")})
+            weights.update({k: v for k, v in load_file(str(sd15_checkpoint())).items()
+                            if k.startswith("first_stage_model.")})
         save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
 
-    return cached(f"train/{VERSION}/dreamoving_tiny_train_sd15_{vae}.safetensors", build)
+    return cached(f"train/{VERSION}/dreamoving_tiny_train_sd15_{size}_{vae}.safetensors", build)
 
 
-def components_dir() -> Path:
-    """Diffusers component configs of the tiny training checkpoint (text encoder and tokenizer: SD1.5's)."""
+def components_dir(size: str = "comfy") -> Path:
+    """Diffusers component configs of the tiny training checkpoint of ``size`` (tokenizer: SD1.5's)."""
     from dreamoving_core.train.base import SD15_COMPONENTS
 
     def build(path: Path) -> None:
         shutil.copytree(SD15_COMPONENTS, path)
-        (path / "unet" / "config.json").write_text(json.dumps(TINY_DIFFUSERS_UNET_CONFIG, indent=2))
+        (path / "unet" / "config.json").write_text(json.dumps(diffusers_unet_config(size), indent=2))
         (path / "vae" / "config.json").write_text(json.dumps(TINY_VAE_CONFIG, indent=2))
+        if size == "small":
+            (path / "text_encoder" / "config.json").write_text(json.dumps(_small_text_config(), indent=2))
 
-    return cached(f"train/{VERSION}/components", build)
+    return cached(f"train/{VERSION}/components_{size}", build)
+
+
+def small_motion_module() -> Path:
+    """A random DreaMoving motion module (64 positions) for the small U-Net."""
+    from devtools.tiny.motion import tiny_module
+    from dreamoving_core.motion.format import save_motion_module
+
+    width = SMALL_UNET_CONFIG["model_channels"]
+    return cached(f"train/{VERSION}/small_motion.safetensors", lambda path: save_motion_module(
+        tiny_module("dreamoving", channels=(width, width)), path))
+
+
+def small_controlnet() -> Path:
+    """A random image ControlNet (original ``control_model.*`` layout) for the small U-Net."""
+    def build(path: Path) -> None:
+        import torch
+        from safetensors.torch import save_file
+
+        from dreamoving_core.control.model import ControlNetConfig, VideoControlNet
+
+        torch.manual_seed(3)
+        width = SMALL_UNET_CONFIG["model_channels"]
+        model = _healthy(VideoControlNet(ControlNetConfig(model_channels=width, channel_mult=(1, 1),
+                                                          num_res_blocks=(1, 1), transformer_depth=(1, 1))))
+        save_file({f"control_model.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+    return cached(f"train/{VERSION}/small_controlnet.safetensors", build)
 
 
 # --------------------------------------------------------------------------------------------------- data

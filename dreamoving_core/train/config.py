@@ -53,7 +53,8 @@ class DataConfig:
     """A prepared data folder (``clips.jsonl`` / ``faces.jsonl``, see ``dreamoving_core.data.manifest``).
 
     Video stages take ``frames`` frames ``frame_stride`` apart from a random start in a clip, resized (shorter side)
-    and centre-cropped to ``resolution``². ``hint``: the Video ControlNet's input, ``"pose"`` (the clip's pose JSON
+    and centre-cropped to ``resolution``² (a multiple of 8; sizes that do not halve evenly down the U-Net, like the
+    paper's 352, run as in diffusers and ComfyUI, with each upsampling matched to its skip connection). ``hint``: the Video ControlNet's input, ``"pose"`` (the clip's pose JSON
     drawn as OpenPose pictures) or ``"depth"``. ``drop_*``: probability that a sample's text, image condition or both
     are replaced by the empty prompt / blank image (classifier-free guidance)."""
 
@@ -162,7 +163,8 @@ def _field_types(cls) -> dict[str, Any]:
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
-    """``value`` (from YAML) checked against the annotation ``kind``; ints are accepted for floats."""
+    """``value`` (from YAML) checked against the annotation ``kind``; ints and numeric strings are accepted for
+    floats."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -175,6 +177,11 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
         return tuple(_coerce(v, a, where) for v, a in zip(value, args))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 5e-5 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"{where} must be true or false, got {value!r}")
     if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, kind)):
@@ -250,9 +257,9 @@ def check_config(config: TrainConfig) -> None:
     data = config.data
     if config.stage not in STAGES:
         raise ConfigError(f"unknown stage '{config.stage}'; the stages are {', '.join(STAGES)}")
-    if data.resolution <= 0 or data.resolution % 64:
-        raise ConfigError(f"data.resolution must be a positive multiple of 64 (the U-Net halves the 1/8-size "
-                          f"latent three times), got {data.resolution}; e.g. 256, 320, 384, 512")
+    if data.resolution <= 0 or data.resolution % 8:
+        raise ConfigError(f"data.resolution must be a positive multiple of 8 (the VAE's latent is 1/8 of the frame), "
+                          f"got {data.resolution}; the paper trains at 256, 352 and 512")
     if data.frames < 1 or data.frame_stride < 1:
         raise ConfigError(f"data.frames and data.frame_stride must be at least 1, got {data.frames} and "
                           f"{data.frame_stride}")

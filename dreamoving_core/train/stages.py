@@ -196,9 +196,11 @@ def build_guider(config: TrainConfig, parts: Parts, unet: DreaMovingUNet) -> Con
     if parts.guider is not None:
         sources = {("face" if slot == "any" else slot): source for slot, source in parts.guider.sources.items()}
     slots = ("face", "cloth") if config.guider.cloth else ("face",)
-    for slot in slots:
-        if slot not in sources:
-            sources[slot] = new_source(slot, config.guider, parts.clip.config.width, to_k, to_v, "new guider")
+    with torch.random.fork_rng(devices=[]):  # new projections start from the run's seed, on every process
+        torch.manual_seed(config.seed)
+        for slot in slots:
+            if slot not in sources:
+                sources[slot] = new_source(slot, config.guider, parts.clip.config.width, to_k, to_v, "new guider")
     if not sources["face"].config.needs_arcface:
         parts.notes.append("the starting face source takes no ArcFace embedding (not a FaceID projection)")
     guider = ContentGuider(parts.guider.name if parts.guider else "new guider", "dreamoving_content_guider", sources)

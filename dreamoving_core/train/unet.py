@@ -102,7 +102,8 @@ class DreaMovingUNet:
 
     ``__call__(sample (B·F, 4, h, w), timesteps (B·F,), encoder_hidden_states (B·F, 77, 768), num_frames,
     control=None, guidance=()) -> (B·F, 4, h, w)`` predicts the noise. ``checkpointing`` recomputes each motion
-    block's activations in the backward pass (with diffusers' own gradient checkpointing for the U-Net).
+    block's activations in the backward pass (with diffusers' own gradient checkpointing for the U-Net); a call's
+    frame count and guidance stay in effect until the next call, so run a call's backward before the next call.
     """
 
     def __init__(self, unet, motion: MotionModule | None = None, motion_name: str = "motion module",
@@ -171,11 +172,9 @@ class DreaMovingUNet:
                  guidance: Sequence[GuidanceTerm] = ()) -> torch.Tensor:
         if guidance and self._processors is None:
             raise ValueError("guidance terms need a DreaMovingUNet built with guided=True")
+        # Kept until the next call: gradient checkpointing re-runs parts of this forward during backward.
         self.num_frames, self.guidance = num_frames, tuple(guidance)
-        try:
-            return self.unet(sample, timesteps, encoder_hidden_states,
-                             down_block_additional_residuals=None if control is None else tuple(control.down),
-                             mid_block_additional_residual=None if control is None else control.mid,
-                             return_dict=False)[0]
-        finally:
-            self.guidance = ()
+        return self.unet(sample, timesteps, encoder_hidden_states,
+                         down_block_additional_residuals=None if control is None else tuple(control.down),
+                         mid_block_additional_residual=None if control is None else control.mid,
+                         return_dict=False)[0]
