@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import content_guider, motion, preprocess, video_controlnet
+from . import content_guider, eval, motion, preprocess, video_controlnet
 
-TOPICS = (motion, video_controlnet, content_guider, preprocess)
+TOPICS = (motion, video_controlnet, content_guider, preprocess, eval)
 
 
 class DreaMovingExtension(ComfyExtension):

@@ -17,6 +17,7 @@ MODEL_FOLDERS = {
     "dreamoving_video_controlnet": os.path.join("dreamoving", "video_controlnet"),
     "dreamoving_content_guider": os.path.join("dreamoving", "content_guider"),
     "dreamoving_preprocess": os.path.join("dreamoving", "preprocess"),
+    "dreamoving_eval": os.path.join("dreamoving", "eval"),
     "ipadapter": "ipadapter",
     "insightface": "insightface",
 }

@@ -118,21 +118,27 @@ def guider_file() -> Path:
     return cached("dreamoving_content_guider/v1/dreamoving_content_guider_tiny.safetensors", _save_guider)
 
 
-def _save_clip_vision(path: Path, layers: int) -> None:
+def _save_clip_vision(path: Path, layers: int, init_factor: float) -> None:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
     config = CLIPVisionConfig(hidden_size=1280, intermediate_size=5120, num_attention_heads=16,
                               num_hidden_layers=layers, image_size=224, patch_size=14, projection_dim=1024,
-                              hidden_act="gelu", layer_norm_eps=1e-5)
+                              hidden_act="gelu", layer_norm_eps=1e-5, initializer_factor=init_factor)
     model = CLIPVisionModelWithProjection(config)
     save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-def clip_vision_file(layers: int = 2) -> Path:
-    """A ViT-H/14 image tower with ``layers`` layers in ComfyUI's clip_vision (transformers) layout, fp16."""
-    return cached(f"clip_vision/v1/CLIP-ViT-H-14-tiny-{layers}l.safetensors", lambda p: _save_clip_vision(p, layers))
+def clip_vision_file(layers: int = 2, init_factor: float = 1.0) -> Path:
+    """A ViT-H/14 image tower with ``layers`` layers in ComfyUI's clip_vision (transformers) layout, fp16.
+
+    ``init_factor`` scales transformers' initialisation: at 1 the tiny tower embeds every image almost alike (the
+    class token averages random patches away); at 4 different images get clearly different embeddings (noise
+    frames ~0.5 cosine apart), which the consistency score tests need."""
+    tag = "" if init_factor == 1.0 else f"-f{init_factor:g}"
+    return cached(f"clip_vision/v1/CLIP-ViT-H-14-tiny-{layers}l{tag}.safetensors",
+                  lambda p: _save_clip_vision(p, layers, init_factor))
 
 
 class _TinySCRFD(torch.nn.Module):

@@ -191,12 +191,19 @@ class FaceAnalyzer:
             raise InputMismatchError(f"no face found in {label} ({image.shape[1]}×{image.shape[0]} pixels); use a "
                                      "photo where the face is clearly visible and roughly frontal")
         face = faces[0]
-        aligned = align_face(pixels, face.kps, 112).astype(np.float32)
-        blob = ((aligned - 127.5) / 127.5).transpose(2, 0, 1)[None]
-        embedding = self.recognizer.run(None, {self.recognizer.get_inputs()[0].name: blob})[0][0]
-        embedding = embedding / max(float(np.linalg.norm(embedding)), 1e-12)
+        embedding = self.embed(align_face(pixels, face.kps, 112)[None])[0]
         crop = align_face(pixels, face.kps, crop_size).astype(np.float32) / 255.0
-        return FaceIdentity(embedding.astype(np.float32), crop, face)
+        return FaceIdentity(embedding, crop, face)
+
+    def embed(self, aligned: np.ndarray) -> np.ndarray:
+        """L2-normalised ArcFace embeddings ``(N, 512)`` float32 of faces aligned by :func:`align_face`:
+        ``aligned`` ``(N, 112, 112, 3)`` uint8 RGB, run as one batch (one at a time for a fixed-batch model)."""
+        blob = ((aligned.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2)
+        name = self.recognizer.get_inputs()[0].name
+        step = 1 if self.recognizer.get_inputs()[0].shape[0] == 1 else len(blob)
+        out = np.concatenate([self.recognizer.run(None, {name: blob[i:i + step]})[0]
+                              for i in range(0, len(blob), max(step, 1))])
+        return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
 def find_pack(roots: list[str | os.PathLike], name: str) -> Path:
