@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from .stages import SPECS
         from .trainer import train
 
         result = train(load_config(args.stage, args.config, args.overrides), resume=args.resume)
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if result.output is not None:
-        print(f"{args.stage}: {result.steps} steps, wrote {result.output}")
+        spec = SPECS[args.stage]
+        print(f"{args.stage}: {result.steps} steps, wrote {result.output}; put it in ComfyUI's {spec.folder} and "
+              f"load it with {spec.loader}")
     return 0
 
 

@@ -3,7 +3,7 @@
 The manifests are read through :mod:`dreamoving_core.data.manifest`; :func:`check_clips` / :func:`check_faces`
 report missing files and too-short clips before any model is loaded. Every sample is drawn from an explicit seed
 (:class:`StepSampler`), so a run resumed at step ``s`` sees exactly the samples an uninterrupted run sees, on every
-process. Frames are decoded with OpenCV (a runtime requirement of the pack).
+process. Clips and images are read with data preparation's readers (``dreamoving_core.data.video``).
 """
 from __future__ import annotations
 
@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from ..data.manifest import CLIPS_FILE, FACES_FILE, ClipRecord, FaceRecord, read_records
+from ..data.video import read_frames, read_image
 from ..errors import InputMismatchError
-from ..preprocess.pose import from_pose_keypoint
+from ..preprocess.pose import from_pose_keypoint, to_pose_keypoint
 from ..preprocess.render import draw_poses
+from ..preprocess.smoothing import smooth_poses
 from ..preprocess.zoedepth import depth_to_hint
 
 CLIP_SIZE = 224  # the CLIP image tower's input
@@ -41,38 +43,24 @@ def resize_center_crop(images: torch.Tensor, size: int, mode: str = "bilinear") 
     return images
 
 
-def read_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
-    """Frames ``indices`` (ascending) of a video as ``(len(indices), H, W, 3)`` uint8 RGB, decoded in order."""
-    import cv2
-
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise InputMismatchError(f"clip '{path}' cannot be opened as a video")
-    wanted, frames, index = set(indices), {}, 0
-    try:
-        while index <= indices[-1]:
-            ok, frame = capture.read()
-            if not ok:
-                break
-            if index in wanted:
-                frames[index] = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
-            index += 1
-    finally:
-        capture.release()
+def read_clip_frames(path: str | Path, indices: Sequence[int]) -> np.ndarray:
+    """Frames ``indices`` (ascending, in decoding order, as the hints were extracted) of a clip as
+    ``(len(indices), H, W, 3)`` uint8 RGB, read with data preparation's reader."""
+    wanted, frames = set(indices), {}
+    for index, (_, image) in enumerate(read_frames(path)):
+        if index in wanted:
+            frames[index] = image
+        if index >= indices[-1]:
+            break
     if len(frames) != len(wanted):
-        raise InputMismatchError(f"clip '{path}' ended after {index} frames; frame {indices[-1]} was needed (the "
-                                 "manifest's frame count is wrong or the file is damaged)")
+        raise InputMismatchError(f"clip '{path}' has fewer frames than the {indices[-1] + 1} needed (the manifest's "
+                                 "frame count is wrong or the file is damaged)")
     return np.stack([frames[i] for i in indices])
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """An image file as ``(H, W, 3)`` float32 in [0, 1]."""
-    import cv2
-
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise InputMismatchError(f"image '{path}' cannot be read")
-    return torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_BGR2RGB)).float() / 255.0
+def image_tensor(path: str | Path) -> torch.Tensor:
+    """An image file as ``(H, W, 3)`` float32 in [0, 1], upright."""
+    return torch.from_numpy(read_image(path).copy()).float() / 255.0
 
 
 def _manifest(root: str | Path, manifest: str | Path | None, default: str) -> Path:
@@ -154,21 +142,25 @@ class ClipDataset(Dataset):
         start = random.Random(seed).randint(0, self.records[index].frames - span(self.frames, self.stride))
         return list(range(start, start + span(self.frames, self.stride), self.stride))
 
+    def poses(self, record: ClipRecord) -> list:
+        """The clip's poses, One-Euro smoothed over the whole clip (as the DWPose node smooths by default)."""
+        frames = from_pose_keypoint(json.loads((self.folder / record.pose).read_text(encoding="utf-8")))
+        if len(frames) < record.frames:
+            raise InputMismatchError(f"pose file '{record.pose}' has {len(frames)} frames, the clip {record.frames}")
+        return smooth_poses(frames, record.fps)
+
     def driving_poses(self, item: tuple[int, int]) -> list[dict] | None:
-        """The clip's ``POSE_KEYPOINT`` frames of sample ``item`` (what a pose score compares with), or None."""
+        """``POSE_KEYPOINT`` of sample ``item``'s frames (what its pose hint shows), or None without poses."""
         record = self.records[item[0]]
         if record.pose is None:
             return None
-        poses = json.loads((self.folder / record.pose).read_text(encoding="utf-8"))
-        return [poses[i] for i in self.indices(item)]
+        poses = self.poses(record)
+        return to_pose_keypoint([poses[i] for i in self.indices(item)])
 
     def _hint(self, record: ClipRecord, indices: list[int]) -> torch.Tensor:
         if self.hint == "pose":
-            frames = from_pose_keypoint(json.loads((self.folder / record.pose).read_text(encoding="utf-8")))
-            if len(frames) < record.frames:
-                raise InputMismatchError(f"pose file '{record.pose}' has {len(frames)} frames, the clip "
-                                         f"{record.frames}")
-            hint = draw_poses([frames[i] for i in indices], record.height, record.width)
+            poses = self.poses(record)
+            hint = draw_poses([poses[i] for i in indices], record.height, record.width)
         else:
             from safetensors.torch import load_file
 
@@ -179,7 +171,7 @@ class ClipDataset(Dataset):
     def __getitem__(self, item: tuple[int, int]) -> dict:
         record = self.records[item[0]]
         indices = self.indices(item)
-        pixels = torch.from_numpy(read_frames(self.folder / record.clip, indices)).movedim(-1, 1).float() / 255.0
+        pixels = torch.from_numpy(read_clip_frames(self.folder / record.clip, indices)).movedim(-1, 1).float() / 255.0
         sample = {"pixels": resize_center_crop(pixels, self.resolution).clamp(0, 1), "caption": record.caption}
         if self.hint is not None:
             sample["hint"] = self._hint(record, indices)
@@ -200,14 +192,14 @@ class FaceDataset(Dataset):
     def _clip_input(self, name: str | None) -> torch.Tensor:
         if name is None:
             return torch.zeros(CLIP_SIZE, CLIP_SIZE, 3)
-        image = read_image(self.folder / name).movedim(-1, 0)[None]
+        image = image_tensor(self.folder / name).movedim(-1, 0)[None]
         return resize_center_crop(image, CLIP_SIZE, "bicubic")[0].movedim(0, -1)
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
         from safetensors.torch import load_file
 
         record = self.records[item[0]]
-        image = read_image(self.folder / record.image).movedim(-1, 0)[None]
+        image = image_tensor(self.folder / record.image).movedim(-1, 0)[None]
         arcface = load_file(str(self.folder / record.arcface))["embedding"].float().reshape(-1)
         return {"pixels": resize_center_crop(image, self.resolution).clamp(0, 1), "face": self._clip_input(record.face),
                 "arcface": arcface, "cloth": self._clip_input(record.cloth), "has_cloth": record.cloth is not None,

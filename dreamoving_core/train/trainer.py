@@ -18,7 +18,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import random
 import shutil
 import time
@@ -36,7 +35,7 @@ from ..io import load_state_dict, save_state_dict
 from .base import SD15_COMPONENTS, check_sd15, checkpoint_shapes, file_sha256, load_base, read_checkpoint, \
     unet_config
 from .config import ConfigError, TrainConfig
-from .data import ClipDataset, FaceDataset, StepSampler, check_clips, check_faces, read_image, sample_seed
+from .data import ClipDataset, FaceDataset, StepSampler, check_clips, check_faces, image_tensor, sample_seed
 from .stages import SPECS, Stage, build_stage, export, load_parts
 from .validate import Scorer, crop_poses, load_scorer, sample_frames, write_frames
 
@@ -117,7 +116,7 @@ class Trainer:
         if config.optimizer.adam_8bit and on_cpu:
             raise ConfigError("optimizer.adam_8bit (bitsandbytes' 8-bit AdamW) needs a CUDA device")
         self.scorer = scorer or (load_scorer(config.validation.scorer) if config.validation.scorer else None)
-        self.data_folder, self.dataset, self.validation_set = self._check_data()
+        self.dataset, self.validation_set = self._check_data()
         shapes = checkpoint_shapes(_exists(config.models.checkpoint, "models.checkpoint",
                                            "the SD1.5 checkpoint (e.g. v1-5-pruned-emaonly.safetensors)"))
         if shapes is not None:
@@ -155,15 +154,14 @@ class Trainer:
     def _check_data(self):
         data, spec = self.config.data, self.spec
         if spec.data == "faces":
-            folder, records = check_faces(data.root, data.manifest)
-            dataset = FaceDataset(folder, records, data.resolution)
-            return folder, dataset, dataset
+            dataset = FaceDataset(*check_faces(data.root, data.manifest), data.resolution)
+            return dataset, dataset
         hint = data.hint if self.config.stage in ("video_controlnet", "expression") else None
         folder, records = check_clips(data.root, data.manifest, data.frames, data.frame_stride, hint)
         frames = self.config.validation.frames or data.frames
         if frames != data.frames:
             check_clips(data.root, data.manifest, frames, data.frame_stride, hint)
-        return (folder, ClipDataset(folder, records, data.frames, data.frame_stride, data.resolution, hint),
+        return (ClipDataset(folder, records, data.frames, data.frame_stride, data.resolution, hint),
                 ClipDataset(folder, records, frames, data.frame_stride, data.resolution, hint))
 
     def _optimizer_class(self):
@@ -282,8 +280,7 @@ class Trainer:
                               start=done * config.batch_size * accumulation)
         loader = iter(DataLoader(self.dataset, batch_size=config.batch_size, sampler=sampler,
                                  num_workers=config.data.workers, persistent_workers=config.data.workers > 0))
-        if accelerator.is_main_process:
-            accelerator.init_trackers(f"dreamoving_{config.stage}", config=_flat(config.to_dict()))
+        accelerator.init_trackers(f"dreamoving_{config.stage}", config=_flat(config.to_dict()))
         result = TrainResult(None, done, world_size=accelerator.num_processes)
         progress = tqdm(total=config.steps, initial=done, desc=config.stage,
                         disable=not accelerator.is_local_main_process)
@@ -416,7 +413,7 @@ class Trainer:
         sample = self.validation_set[item]
         caption = validation.prompt if validation.prompt is not None else sample["caption"]
         text, uncond = self.text([caption]), self.text([""])
-        face = read_image(validation.face) if validation.face else None
+        face = image_tensor(validation.face) if validation.face else None
         features = hint = driving = None
         if self.stage.clip is not None:
             batch = {k: (v[None] if torch.is_tensor(v) else torch.tensor([v]) if isinstance(v, bool) else [v])

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from einops import rearrange, repeat
 
+from ..data.video import write_image
 from ..guider.model import ImageFeatures
 from ..preprocess.pose import from_pose_keypoint, to_pose_keypoint
 from .config import ConfigError
@@ -111,13 +112,9 @@ def sample_frames(denoiser, vae, text: torch.Tensor, uncond: torch.Tensor, num_f
 
 def write_frames(frames: torch.Tensor, folder: str | Path) -> list[Path]:
     """PNG files ``frame_0000.png``... of ``frames`` ``(F, H, W, 3)`` in [0, 1] in ``folder``."""
-    import cv2
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, frame in enumerate((frames.numpy() * 255).round().astype(np.uint8)):
-        path = folder / f"frame_{i:04d}.png"
-        cv2.imwrite(str(path), cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
-        paths.append(path)
+    paths = [folder / f"frame_{i:04d}.png" for i in range(len(frames))]
+    for path, frame in zip(paths, (frames.numpy() * 255).round().astype(np.uint8)):
+        write_image(path, frame)
     return paths
