@@ -475,6 +475,35 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, stage):
         torch.testing.assert_close(again[key], value, atol=1e-6, rtol=1e-5, msg=key)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage, precision, adam_8bit", [("video_controlnet", "bf16", False),
+                                                         ("content_guider", "fp16", False),
+                                                         ("expression", "bf16", True)])
+def test_mixed_precision_and_8bit_adam_train_on_cuda(tmp_path, stage, precision, adam_8bit):
+    """Each run in its own process (accelerate keeps one precision per process), from the command line."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if adam_8bit and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("optimizer.adam_8bit needs bitsandbytes")
+    models = {} if stage == "content_guider" else {"motion_module": str(small_motion_module()),
+                                                   "controlnet": str(small_controlnet())}
+    if stage == "expression":  # the frozen Video ControlNet: a small one with motion blocks, trained here first
+        first = overrides("video_controlnet", tmp_path / "vcn", size="small", steps=1, models=models)
+        models["controlnet"] = str(Trainer(load_config("video_controlnet", None, [first])).run().output)
+    settings = overrides(stage, tmp_path / "run", size="small", steps=3, mixed_precision=precision, cpu=False,
+                         gradient_checkpointing=True, models=models, optimizer={"adam_8bit": adam_8bit})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "PYTHONPATH": str(PACK_DIR), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "dreamoving_core.train", stage, "--config", str(config)],
+                         cwd=PACK_DIR, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
+    weights = load_state_dict(next((tmp_path / "run").glob("dreamoving_*.safetensors")))
+    assert all(torch.isfinite(v.float()).all() for v in weights.values())
+
+
 # --------------------------------------------------------------------------------- configs and clear errors
 
 

@@ -35,7 +35,8 @@ class ModelPaths:
     ``motion_module``: the U-Net's motion blocks: initial weights (long_frame: AnimateDiff ``mm_sd_v15.ckpt``;
     expression: the long_frame result), frozen in video_controlnet. ``controlnet``: an image ControlNet to start the
     Video ControlNet from (video_controlnet), the trained Video ControlNet (expression, frozen).
-    ``controlnet_motion``: initial motion blocks of the Video ControlNet (default: ``motion_module``).
+    ``controlnet_motion``: a motion module whose down/middle blocks start the Video ControlNet's motion blocks
+    (default: a Video ControlNet file's own blocks, else ``motion_module``'s).
     ``content_guider``: optional starting guider (ours: face and cloth; an IP-Adapter: the face).
     ``clip_vision``: OpenCLIP ViT-H/14 image tower (content_guider)."""
 
