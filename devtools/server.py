@@ -25,24 +25,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def link(src: Path, dest: Path) -> None:
-    """Symlink ``dest`` -> ``src`` (a copy where symlinks are not allowed, e.g. Windows without privileges)."""
-    if dest.is_symlink() or dest.exists():
-        if dest.resolve() == src.resolve():
-            return
-        dest.unlink() if dest.is_symlink() or dest.is_file() else shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+def _hard_link(src: str, dest: str) -> None:
     try:
-        dest.symlink_to(src, target_is_directory=src.is_dir())
-    except OSError:
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dest)
+        os.link(src, dest)
+    except OSError:  # another file system, or no hard links there
+        shutil.copy2(src, dest)
+
+
+def link(src: Path, dest: Path, symbolic: bool = False) -> None:
+    """Put ``src`` (a file or a folder) at ``dest`` without copying its data: a hard link of a file, a folder of
+    hard links for a folder (copies where hard links are impossible). Model files are never symbolic links: the
+    pack refuses files that link to places outside their model folders, as any other name leading out of them.
+    ``symbolic``: a symbolic link instead (the pack in ``custom_nodes``, so edits show up; a copy where symbolic
+    links are not allowed, e.g. Windows without privileges)."""
+    try:
+        if dest.is_symlink() == symbolic and os.path.samefile(src, dest):
+            return  # already in place
+    except OSError:  # nothing there, or a dangling link
+        pass
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if symbolic:
+        try:
+            dest.symlink_to(src, target_is_directory=src.is_dir())
+            return
+        except OSError:
+            pass
+    if src.is_dir():
+        shutil.copytree(src, dest, copy_function=_hard_link)
+    else:
+        _hard_link(str(src), str(dest))
 
 
 def prepare_base(base: Path) -> Path:
     """A ComfyUI ``--base-directory`` with the pack in ``custom_nodes`` and the model folders we use."""
     for sub in ("custom_nodes", "input", "output", "user", "temp", *(f"models/{f}" for f in MODEL_FOLDERS)):
         (base / sub).mkdir(parents=True, exist_ok=True)
-    link(PACK_DIR, base / "custom_nodes" / PACK_NAME)
+    link(PACK_DIR, base / "custom_nodes" / PACK_NAME, symbolic=True)
     return base
 
 

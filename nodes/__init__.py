@@ -1,16 +1,18 @@
-"""ComfyUI glue: one module per topic, each exporting ``NODES`` (V3 node classes)."""
+"""ComfyUI glue: one module per topic, each exporting ``NODES`` (V3 node classes). Every node the extension lists
+gets the pack's schema-derived input checks (``_common.guard``)."""
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
 from . import content_guider, eval, motion, preprocess, video_controlnet
+from ._common import guard
 
 TOPICS = (motion, video_controlnet, content_guider, preprocess, eval)
 
 
 class DreaMovingExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [node for topic in TOPICS for node in topic.NODES]
+        return [guard(node) for topic in TOPICS for node in topic.NODES]
 
 
 async def comfy_entrypoint() -> DreaMovingExtension:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-import folder_paths
 import numpy as np
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer, optimized_attention
@@ -20,15 +19,22 @@ from dreamoving_core.guider.model import (AttentionTerm, ContentGuider, ContentK
                                             decoupled_cross_attention, load_content_guider)
 from dreamoving_core.guider.kernel import fused_decoupled_cross_attention
 from dreamoving_core.errors import InputMismatchError
-from dreamoving_core.guider.face_id import FaceAnalyzer, find_pack, list_packs
+from dreamoving_core.guider.face_id import PACK_SUBFOLDER, FaceAnalyzer
 
-from ._common import reports_errors
+from ._common import ModelCombo, ModelFolder, custom_type
 
 CATEGORY = "DreaMoving/Content"
-GUIDER_FOLDERS = ("dreamoving_content_guider", "ipadapter")
-ContentGuiderType = io.Custom("DREAMOVING_CONTENT_GUIDER")
-OpenClipVisionType = io.Custom("DREAMOVING_OPEN_CLIP_VISION")
-FaceAnalysisType = io.Custom("DREAMOVING_INSIGHTFACE")
+GUIDER_FOLDER = ModelFolder(("dreamoving_content_guider", "ipadapter"), "Content Guider / IP-Adapter",
+                            "put a DreaMoving guider or an SD1.5 IP-Adapter (e.g. ip-adapter-plus-face_sd15."
+                            "safetensors from huggingface.co/h94/IP-Adapter) there")
+CLIP_FOLDER = ModelFolder(("clip_vision",), "CLIP vision model",
+                          "put CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors (OpenCLIP ViT-H/14) there")
+INSIGHTFACE_FOLDER = ModelFolder(("insightface",), "InsightFace pack",
+                                 "put the pack's folder of .onnx files (antelopev2 or buffalo_l) there",
+                                 holds="*.onnx", subfolder=PACK_SUBFOLDER)
+ContentGuiderType = custom_type("DREAMOVING_CONTENT_GUIDER", ContentGuider)
+OpenClipVisionType = custom_type("DREAMOVING_OPEN_CLIP_VISION", ClipImageEncoder)
+FaceAnalysisType = custom_type("DREAMOVING_INSIGHTFACE", FaceAnalyzer)
 
 
 # ------------------------------------------------------------------------------------------------- the attn2 patch
@@ -166,10 +172,6 @@ def guidance_kv(guider: ContentGuider, slot: str, images: torch.Tensor, clip_vis
 # ---------------------------------------------------------------------------------------------------------- nodes
 
 
-def _guider_files() -> list[str]:
-    return sorted({f for folder in GUIDER_FOLDERS for f in folder_paths.get_filename_list(folder)})
-
-
 class LoadContentGuider(io.ComfyNode):
     DISPLAY = "Load Content Guider"
 
@@ -179,19 +181,14 @@ class LoadContentGuider(io.ComfyNode):
             node_id="DreaMovingLoadContentGuider", display_name=cls.DISPLAY, category=CATEGORY,
             description="Loads DreaMoving Content Guider weights (face + cloth) or an SD1.5 IP-Adapter file "
                         "(plain, plus, plus-face, full-face, faceid-plusv2; .safetensors or .bin).",
-            inputs=[io.Combo.Input("guider_name", options=_guider_files(),
-                                   tooltip="File in models/dreamoving/content_guider or models/ipadapter.")],
+            inputs=[ModelCombo("guider_name", GUIDER_FOLDER,
+                               tooltip="File in models/dreamoving/content_guider or models/ipadapter.")],
             outputs=[ContentGuiderType.Output(display_name="guider")],
         )
 
     @classmethod
-    @reports_errors(DISPLAY)
     def execute(cls, guider_name) -> io.NodeOutput:
-        path = next((p for f in GUIDER_FOLDERS if (p := folder_paths.get_full_path(f, guider_name))), None)
-        if path is None:
-            raise InputMismatchError(f"'{guider_name}' is not in models/dreamoving/content_guider or "
-                                     "models/ipadapter")
-        return io.NodeOutput(load_content_guider(path))
+        return io.NodeOutput(load_content_guider(GUIDER_FOLDER.path(guider_name, "guider_name")))
 
 
 class LoadOpenClipVision(io.ComfyNode):
@@ -203,16 +200,14 @@ class LoadOpenClipVision(io.ComfyNode):
             node_id="DreaMovingLoadOpenClipVision", display_name=cls.DISPLAY, category=CATEGORY,
             description="Loads the OpenCLIP ViT-H/14 image tower with open_clip_torch (OpenCLIP or transformers "
                         "layout). ComfyUI's Load CLIP Vision works as well.",
-            inputs=[io.Combo.Input("clip_name", options=folder_paths.get_filename_list("clip_vision"),
-                                   tooltip="CLIP-ViT-H-14-laion2B-s32B-b79K weights in models/clip_vision.")],
+            inputs=[ModelCombo("clip_name", CLIP_FOLDER,
+                               tooltip="CLIP-ViT-H-14-laion2B-s32B-b79K weights in models/clip_vision.")],
             outputs=[OpenClipVisionType.Output(display_name="clip_vision")],
         )
 
     @classmethod
-    @reports_errors(DISPLAY)
     def execute(cls, clip_name) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("clip_vision", clip_name)
-        return io.NodeOutput(ClipImageEncoder.from_file(path))
+        return io.NodeOutput(ClipImageEncoder.from_file(CLIP_FOLDER.path(clip_name, "clip_name")))
 
 
 class LoadInsightFace(io.ComfyNode):
@@ -223,18 +218,16 @@ class LoadInsightFace(io.ComfyNode):
         return io.Schema(
             node_id="DreaMovingLoadInsightFace", display_name=cls.DISPLAY, category=CATEGORY,
             description="Loads an InsightFace pack (face detector + ArcFace) for FaceID adapters, on onnxruntime.",
-            inputs=[io.Combo.Input("pack",
-                                   options=list_packs(folder_paths.get_folder_paths("insightface")) or ["antelopev2"],
-                                   tooltip="Pack folder in models/insightface/models (antelopev2 or buffalo_l)."),
+            inputs=[ModelCombo("pack", INSIGHTFACE_FOLDER, default="antelopev2",
+                               tooltip="Pack folder in models/insightface/models (antelopev2 or buffalo_l)."),
                     io.Combo.Input("provider", options=["auto", "CPU", "CUDA"], default="auto",
                                    tooltip="auto: CUDA when onnxruntime offers it, else CPU.")],
             outputs=[FaceAnalysisType.Output(display_name="insightface")],
         )
 
     @classmethod
-    @reports_errors(DISPLAY)
     def execute(cls, pack, provider) -> io.NodeOutput:
-        return io.NodeOutput(FaceAnalyzer(find_pack(folder_paths.get_folder_paths("insightface"), pack), provider))
+        return io.NodeOutput(FaceAnalyzer(INSIGHTFACE_FOLDER.path(pack, "pack"), provider))
 
 
 def _guide_inputs(slot: str, image_tip: str) -> list:
@@ -272,7 +265,6 @@ class ContentGuiderFace(io.ComfyNode):
                          inputs=inputs, outputs=[io.Model.Output()])
 
     @classmethod
-    @reports_errors(DISPLAY)
     def execute(cls, model, guider, face_image, clip_vision, alpha_face, start_percent, end_percent,
                 insightface=None) -> io.NodeOutput:
         return _guide("face", model, guider, face_image, clip_vision, insightface, alpha_face,
@@ -290,7 +282,6 @@ class ContentGuiderCloth(io.ComfyNode):
                          inputs=_guide_inputs("cloth", "Image of the clothes / body."), outputs=[io.Model.Output()])
 
     @classmethod
-    @reports_errors(DISPLAY)
     def execute(cls, model, guider, cloth_image, clip_vision, alpha_cloth, start_percent,
                 end_percent) -> io.NodeOutput:
         return _guide("cloth", model, guider, cloth_image, clip_vision, None, alpha_cloth,

@@ -16,13 +16,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from dreamoving_core.errors import DreaMovingError, InputMismatchError
 from dreamoving_core.eval import EvalModels, plot_reports, score_video
 from dreamoving_core.preprocess.dwpose import DETECTOR_FILE, ESTIMATOR_FILE, DWPose
 
-from ._common import reports_errors
 from .content_guider import FaceAnalysisType, OpenClipVisionType, image_features
-from .preprocess import PoseKeypoint, find_onnx, onnx_options
+from .preprocess import DWPOSE_FOLDER, PoseKeypoint
 
 CATEGORY = "DreaMoving/Eval"
 SCORE_NAME = "DreaMoving Score Video"
@@ -55,13 +53,7 @@ def _models(insightface, clip_vision, detector: str, estimator: str, need_pose: 
     """The EvalModels of one run; the only place this node looks up model files."""
     dwpose = None
     if need_pose:
-        paths = []
-        for name, value in (("detector", detector), ("estimator", estimator)):
-            try:
-                paths.append(find_onnx(value))
-            except DreaMovingError as err:
-                raise InputMismatchError(f"{name}: {err}") from err
-        dwpose = DWPose(*paths)
+        dwpose = DWPose(DWPOSE_FOLDER.path(detector, "detector"), DWPOSE_FOLDER.path(estimator, "estimator"))
 
     def embed(images: torch.Tensor) -> torch.Tensor:
         return image_features(clip_vision, images).image_embeds
@@ -73,6 +65,13 @@ def _models(insightface, clip_vision, detector: str, estimator: str, need_pose: 
                         clip="a CLIP vision model: connect Load CLIP Vision or Load CLIP Vision (OpenCLIP) to the "
                              "clip_vision input")
     return models
+
+
+def _dwpose_options(default: str) -> list[str]:
+    """The DWPose files, ``default`` listed even when absent: these inputs are used only with ``driving``, so a
+    missing file is reported when it is needed, not when the prompt is queued (a plain dropdown, not a
+    ``ModelCombo``, for that reason)."""
+    return sorted({default, *DWPOSE_FOLDER.names()})
 
 
 def _progress():
@@ -115,10 +114,10 @@ class ScoreVideo(io.ComfyNode):
                 io.MultiType.Input("clip_vision", types=[io.ClipVision, OpenClipVisionType], optional=True,
                                    tooltip="A CLIP ViT-H/14 image encoder (Load CLIP Vision or Load CLIP Vision "
                                            "(OpenCLIP)): the consistency score."),
-                io.Combo.Input("detector", options=onnx_options(DETECTOR_FILE), default=DETECTOR_FILE,
+                io.Combo.Input("detector", options=_dwpose_options(DETECTOR_FILE), default=DETECTOR_FILE,
                                tooltip="DWPose's YOLOX person detector (models/dreamoving/preprocess); used when "
                                        "driving is connected."),
-                io.Combo.Input("estimator", options=onnx_options(ESTIMATOR_FILE), default=ESTIMATOR_FILE,
+                io.Combo.Input("estimator", options=_dwpose_options(ESTIMATOR_FILE), default=ESTIMATOR_FILE,
                                tooltip="DWPose's whole-body estimator (models/dreamoving/preprocess); used when "
                                        "driving is connected."),
                 io.Int.Input("detect_resolution", default=512, min=64, max=4096, step=64,
@@ -135,7 +134,6 @@ class ScoreVideo(io.ComfyNode):
         )
 
     @classmethod
-    @reports_errors(SCORE_NAME)
     def execute(cls, frames: torch.Tensor, detector: str, estimator: str, detect_resolution: int,
                 driving=None, face: torch.Tensor | None = None, truth: torch.Tensor | None = None,
                 insightface=None, clip_vision=None) -> io.NodeOutput:

@@ -22,7 +22,6 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
-import folder_paths
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import (Downsample, ResBlock, TimestepEmbedSequential,
                                                             Upsample)
@@ -32,19 +31,17 @@ from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.motion.model import DEFAULT_POSITIONAL_LENGTH, PE_EXTENSIONS, MotionBlock, MotionModule
 from dreamoving_core.motion.format import load_motion_module
 
-from ._common import node_error, reports_errors
+from ._common import ModelCombo, ModelFolder, custom_type, node_error
 
 CATEGORY = "DreaMoving/Motion"
 LOAD_NAME = "Load Motion Module"
 APPLY_NAME = "Apply Motion Module"
 CONTEXT_NAME = "Motion Context Options"
-MOTION_FOLDERS = ("dreamoving_motion", "animatediff_models")
+MOTION_FOLDER = ModelFolder(("dreamoving_motion", "animatediff_models"), "motion module",
+                            "put mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt (huggingface.co/guoyww/animatediff) or a "
+                            "DreaMoving motion module there")
 ADDITIONAL_MODELS_KEY = "dreamoving_motion"
 WRAPPER_KEY = "dreamoving_motion_frames"
-
-MotionModuleIO = io.Custom("MOTION_MODULE")
-ContextOptionsIO = io.Custom("DREAMOVING_CONTEXT_OPTIONS")
-
 
 @dataclass
 class LoadedMotionModule:
@@ -54,6 +51,8 @@ class LoadedMotionModule:
     module: MotionModule
     patcher: comfy.model_patcher.ModelPatcher
 
+
+MotionModuleIO = custom_type("MOTION_MODULE", LoadedMotionModule)
 
 class FrameContextHandler(comfy.context_windows.IndexListContextHandler):
     """ComfyUI's index-list context windows over dimension 0, where SD1.5 videos keep their frames.
@@ -96,6 +95,9 @@ class ContextOptions:
             closed_loop=self.closed_loop, dim=0)
 
 
+ContextOptionsIO = custom_type("DREAMOVING_CONTEXT_OPTIONS", ContextOptions)
+
+
 def window_frame_indices(transformer_options: dict, num_frames: int) -> list[int]:
     """Indices (into the whole video) of the frames in the current U-Net call: the context window's frames when
     ComfyUI's context windows are active, else ``0..num_frames-1``. Per-frame inputs (ControlNet hints, guider
@@ -104,22 +106,10 @@ def window_frame_indices(transformer_options: dict, num_frames: int) -> list[int
     return list(window.index_list) if window is not None else list(range(num_frames))
 
 
-def motion_file_names() -> list[str]:
-    return sorted({name for folder in MOTION_FOLDERS for name in folder_paths.get_filename_list(folder)})
-
-
-def motion_file_path(name: str) -> str:
-    for folder in MOTION_FOLDERS:
-        path = folder_paths.get_full_path(folder, name)
-        if path:
-            return path
-    raise InputMismatchError(f"'{name}' is not in models/dreamoving/motion or models/animatediff_models")
-
-
 def load_for_comfy(name: str, positional_length: int, pe_extension: str) -> LoadedMotionModule:
     """Load a motion module with ComfyUI's casting layers (weights follow the input's device and dtype) in the
     U-Net's storage dtype, wrapped in a ``ModelPatcher`` so ComfyUI moves it between devices."""
-    module = load_motion_module(motion_file_path(name), positional_length=positional_length,
+    module = load_motion_module(MOTION_FOLDER.path(name, "model_name"), positional_length=positional_length,
                                 pe_extension=pe_extension, ops=comfy.ops.manual_cast)
     params = sum(p.numel() for p in module.parameters())
     dtype = comfy.model_management.unet_dtype(model_params=params,
@@ -326,10 +316,10 @@ class LoadMotionModule(io.ComfyNode):
             description="Load an SD1.5 motion module: AnimateDiff v1/v2/v3 (.ckpt or .safetensors) or a DreaMoving "
                         "motion module, from models/animatediff_models or models/dreamoving/motion.",
             inputs=[
-                io.Combo.Input("model_name", options=motion_file_names(),
-                               tooltip="Motion module file: mm_sd_v15.ckpt, mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt or a "
-                                       "DreaMoving .safetensors, from models/animatediff_models or "
-                                       "models/dreamoving/motion."),
+                ModelCombo("model_name", MOTION_FOLDER,
+                           tooltip="Motion module file: mm_sd_v15.ckpt, mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt or a "
+                                   "DreaMoving .safetensors, from models/animatediff_models or "
+                                   "models/dreamoving/motion."),
                 io.Int.Input("positional_length", default=DEFAULT_POSITIONAL_LENGTH, min=1, max=4096,
                              tooltip="Frames the motion module can see at once. Modules trained on fewer positions "
                                      "(AnimateDiff v1: 24, v2/v3: 32) are extended to this length, longer tables "
@@ -344,7 +334,6 @@ class LoadMotionModule(io.ComfyNode):
         )
 
     @classmethod
-    @reports_errors(LOAD_NAME)
     def execute(cls, model_name: str, positional_length: int, pe_extension: str) -> io.NodeOutput:
         return io.NodeOutput(load_for_comfy(model_name, positional_length, pe_extension))
 
@@ -372,7 +361,6 @@ class ApplyMotionModule(io.ComfyNode):
         )
 
     @classmethod
-    @reports_errors(APPLY_NAME)
     def execute(cls, model, motion_module: LoadedMotionModule, motion_scale: float,
                 context_options: ContextOptions | None = None) -> io.NodeOutput:
         positions = motion_module.module.config.positional_length

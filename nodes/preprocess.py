@@ -17,14 +17,14 @@ import torch
 from comfy_api.latest import io
 
 from dreamoving_core.preprocess.dwpose import DETECTOR_FILE, ESTIMATOR_FILE, DWPose, to_uint8, work_size
-from dreamoving_core.errors import DreaMovingError, InputMismatchError
+from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.preprocess.pose import from_pose_keypoint, to_pose_keypoint
 from dreamoving_core.preprocess.render import draw_poses
 from dreamoving_core.preprocess.retarget import retarget_poses
 from dreamoving_core.preprocess.smoothing import smooth_poses
 from dreamoving_core.preprocess.zoedepth import depth_to_hint, load_zoedepth
 
-from ._common import reports_errors
+from ._common import ModelCombo, ModelFolder, custom_type
 
 CATEGORY = "DreaMoving/Preprocess"
 DWPOSE_NAME = "DWPose Estimator"
@@ -34,7 +34,7 @@ FOLDER = "dreamoving_preprocess"
 ZOEDEPTH_DIR = "zoedepth-nyu-kitti"
 CONTROLNET_AUX_DWPOSE = os.path.join("comfyui_controlnet_aux", "ckpts", "yzd-v", "DWPose")
 
-PoseKeypoint = io.Custom("POSE_KEYPOINT")
+PoseKeypoint = custom_type("POSE_KEYPOINT", list)
 
 
 def _aux_dirs() -> list[str]:
@@ -43,44 +43,12 @@ def _aux_dirs() -> list[str]:
     return [d for d in dirs if os.path.isdir(d)]
 
 
-def _expected_dirs() -> str:
-    return " or ".join(f"'{d}'" for d in folder_paths.get_folder_paths(FOLDER))
-
-
-def onnx_options(default: str) -> list[str]:
-    """The ``.onnx`` files of the DWPose folders; ``default`` always listed so a missing file fails with our
-    message, not a validation error."""
-    ours = folder_paths.get_filename_list(FOLDER)
-    aux = [f for d in _aux_dirs() for f in os.listdir(d)]
-    return sorted({default, *(f for f in ours + aux if f.endswith(".onnx"))})
-
-
-def find_onnx(name: str) -> str:
-    """Full path of ``name`` in the DWPose folders; a DreaMovingError listing what belongs where if absent."""
-    candidates = [folder_paths.get_full_path(FOLDER, name)] + [os.path.join(d, name) for d in _aux_dirs()]
-    for path in candidates:
-        if path and os.path.isfile(path):
-            return path
-    raise DreaMovingError(
-        f"model file '{name}' not found. DWPose needs '{DETECTOR_FILE}' and '{ESTIMATOR_FILE}' "
-        f"(huggingface.co/yzd-v/DWPose) in {_expected_dirs()}")
-
-
-def zoedepth_options() -> list[str]:
-    names = {ZOEDEPTH_DIR}
-    for d in folder_paths.get_folder_paths(FOLDER):
-        if os.path.isdir(d):
-            names.update(f for f in os.listdir(d) if os.path.isfile(os.path.join(d, f, "config.json")))
-    return sorted(names)
-
-
-def find_zoedepth(name: str) -> str:
-    for d in folder_paths.get_folder_paths(FOLDER):
-        if os.path.isfile(os.path.join(d, name, "config.json")):
-            return os.path.join(d, name)
-    raise DreaMovingError(
-        f"ZoeDepth model folder '{name}' not found. Put the files of huggingface.co/Intel/zoedepth-nyu-kitti "
-        f"(config.json, model.safetensors, preprocessor_config.json) in a folder '{name}' inside {_expected_dirs()}")
+DWPOSE_FOLDER = ModelFolder((FOLDER,), "DWPose model",
+                            f"DWPose needs '{DETECTOR_FILE}' and '{ESTIMATOR_FILE}' (huggingface.co/yzd-v/DWPose)",
+                            suffixes=(".onnx",), extra_roots=_aux_dirs)
+ZOEDEPTH_FOLDER = ModelFolder((FOLDER,), "ZoeDepth model folder",
+                              "put the files of huggingface.co/Intel/zoedepth-nyu-kitti (config.json, "
+                              "model.safetensors, preprocessor_config.json) in a folder there", holds="config.json")
 
 
 def _progress(total: int):
@@ -113,10 +81,10 @@ class DWPoseEstimator(io.ComfyNode):
                         "retargeting to the reference person's proportions.",
             inputs=[
                 io.Image.Input("images", tooltip="The driving video's frames (or one image)."),
-                io.Combo.Input("detector", options=onnx_options(DETECTOR_FILE), default=DETECTOR_FILE,
-                               tooltip="YOLOX person detector in models/dreamoving/preprocess."),
-                io.Combo.Input("estimator", options=onnx_options(ESTIMATOR_FILE), default=ESTIMATOR_FILE,
-                               tooltip="DWPose whole-body estimator in models/dreamoving/preprocess."),
+                ModelCombo("detector", DWPOSE_FOLDER, default=DETECTOR_FILE,
+                           tooltip="YOLOX person detector in models/dreamoving/preprocess."),
+                ModelCombo("estimator", DWPOSE_FOLDER, default=ESTIMATOR_FILE,
+                           tooltip="DWPose whole-body estimator in models/dreamoving/preprocess."),
                 *_toggles(),
                 io.Int.Input("detect_resolution", default=512, min=0, max=4096, step=64,
                              tooltip="Frames are scaled so their shorter side has this many pixels before "
@@ -137,11 +105,10 @@ class DWPoseEstimator(io.ComfyNode):
         )
 
     @classmethod
-    @reports_errors(DWPOSE_NAME)
     def execute(cls, images: torch.Tensor, detector: str, estimator: str, draw_body: bool, draw_hands: bool,
                 draw_face: bool, detect_resolution: int, temporal_smoothing: bool, fps: float,
                 reference_image: torch.Tensor | None = None) -> io.NodeOutput:
-        model = DWPose(find_onnx(detector), find_onnx(estimator))
+        model = DWPose(DWPOSE_FOLDER.path(detector, "detector"), DWPOSE_FOLDER.path(estimator, "estimator"))
         poses = model.video(images, detect_resolution, progress=_progress(len(images)))
         if temporal_smoothing and len(poses) > 1:
             poses = smooth_poses(poses, fps)
@@ -177,7 +144,6 @@ class RenderPose(io.ComfyNode):
         )
 
     @classmethod
-    @reports_errors(RENDER_NAME)
     def execute(cls, pose_keypoint, draw_body: bool, draw_hands: bool, draw_face: bool,
                 resolution: int) -> io.NodeOutput:
         frames = from_pose_keypoint(pose_keypoint)
@@ -197,9 +163,9 @@ class ZoeDepthEstimator(io.ComfyNode):
             description="ZoeDepth depth of every frame as a ControlNet depth hint (near is bright).",
             inputs=[
                 io.Image.Input("images", tooltip="The driving video's frames (or one image)."),
-                io.Combo.Input("model", options=zoedepth_options(), default=ZOEDEPTH_DIR,
-                               tooltip="A ZoeDepth folder (Intel/zoedepth-nyu-kitti layout) in "
-                                       "models/dreamoving/preprocess."),
+                ModelCombo("model", ZOEDEPTH_FOLDER, default=ZOEDEPTH_DIR,
+                           tooltip="A ZoeDepth folder (Intel/zoedepth-nyu-kitti layout) in "
+                                   "models/dreamoving/preprocess."),
                 io.Boolean.Input("per_frame_normalization", default=False,
                                  tooltip="Scale each frame's depth on its own; off shares one scale over the "
                                          "video so brightness does not flicker."),
@@ -210,12 +176,11 @@ class ZoeDepthEstimator(io.ComfyNode):
         )
 
     @classmethod
-    @reports_errors(ZOE_NAME)
     def execute(cls, images: torch.Tensor, model: str, per_frame_normalization: bool,
                 batch_size: int) -> io.NodeOutput:
         device = comfy.model_management.get_torch_device()
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        zoe = load_zoedepth(find_zoedepth(model), device, dtype)
+        zoe = load_zoedepth(ZOEDEPTH_FOLDER.path(model, "model"), device, dtype)
         depth = zoe.depth(images, batch_size, progress=_progress(len(images)))
         return io.NodeOutput(depth_to_hint(depth, per_frame_normalization))
 

@@ -19,23 +19,21 @@ from einops import repeat
 import comfy.controlnet
 import comfy.model_management
 import comfy.utils
-import folder_paths
 from comfy_api.latest import io
 
 from dreamoving_core.control.format import load_video_controlnet
-from dreamoving_core.errors import InputMismatchError
 from dreamoving_core.control.model import VideoControlNet
 
-from ._common import node_error, reports_errors
-from .motion import motion_file_names, motion_file_path, window_frame_indices
+from ._common import ModelCombo, ModelFolder, custom_type, node_error
+from .motion import MOTION_FOLDER, window_frame_indices
 
 CATEGORY = "DreaMoving/Control"
 LOAD_NAME = "Load Video ControlNet"
 APPLY_NAME = "Apply Video ControlNet"
-CONTROLNET_FOLDERS = ("dreamoving_video_controlnet", "controlnet")
+CONTROLNET_FOLDER = ModelFolder(("dreamoving_video_controlnet", "controlnet"), "ControlNet",
+                                "put an SD1.5 ControlNet (e.g. control_v11p_sd15_openpose.pth from "
+                                "huggingface.co/lllyasviel/ControlNet-v1-1) or a DreaMoving Video ControlNet there")
 NO_MOTION = "none"
-
-VideoControlNetIO = io.Custom("VIDEO_CONTROLNET")
 
 
 class VideoControl(comfy.controlnet.ControlNet):
@@ -98,6 +96,9 @@ class VideoControl(comfy.controlnet.ControlNet):
                                   control_prev, output_dtype=None)
 
 
+VideoControlNetIO = custom_type("VIDEO_CONTROLNET", VideoControl)
+
+
 def hint_count_message(count: int, frames: int | None, needed: int) -> str:
     """'got N hint images for a video of F frames' (``frames`` None under context windows: at least ``needed``)."""
     video = f"a video of {frames} frames" if frames is not None else f"a video of at least {needed} frames"
@@ -105,25 +106,14 @@ def hint_count_message(count: int, frames: int | None, needed: int) -> str:
             "or a single image for all frames")
 
 
-def controlnet_file_names() -> list[str]:
-    return sorted({name for folder in CONTROLNET_FOLDERS for name in folder_paths.get_filename_list(folder)})
-
-
-def controlnet_file_path(name: str) -> str:
-    for folder in CONTROLNET_FOLDERS:
-        path = folder_paths.get_full_path(folder, name)
-        if path:
-            return path
-    raise InputMismatchError(f"'{name}' is not in models/controlnet or models/dreamoving/video_controlnet")
-
-
 def load_for_comfy(controlnet_name: str, motion_name: str | None) -> VideoControl:
     """Load the files in the dtype ComfyUI would run a U-Net of this size in, wrapped for memory management."""
     load_device = comfy.model_management.get_torch_device()
     dtype = comfy.model_management.unet_dtype(device=load_device)
     dtype = comfy.model_management.unet_manual_cast(dtype, load_device) or dtype
-    model = load_video_controlnet(controlnet_file_path(controlnet_name),
-                                  motion_file_path(motion_name) if motion_name else None, dtype=dtype)
+    model = load_video_controlnet(CONTROLNET_FOLDER.path(controlnet_name, "controlnet_name"),
+                                  MOTION_FOLDER.path(motion_name, "motion_module") if motion_name else None,
+                                  dtype=dtype)
     return VideoControl(model, controlnet_name, load_device=load_device)
 
 
@@ -138,22 +128,20 @@ class LoadVideoControlNet(io.ComfyNode):
                         "(control_v11p_sd15_openpose, control_v11f1p_sd15_depth; original or diffusers layout, "
                         ".pth or .safetensors) made temporal with a motion module's down and middle blocks.",
             inputs=[
-                io.Combo.Input("controlnet_name", options=controlnet_file_names(),
-                               tooltip="An SD1.5 ControlNet from models/controlnet, or a Video ControlNet from "
-                                       "models/dreamoving/video_controlnet."),
-                io.Combo.Input("motion_module", options=[NO_MOTION, *motion_file_names()], default=NO_MOTION,
-                               optional=True,
-                               tooltip="Optional motion module (mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt, DreaMoving) whose "
-                                       "down/middle motion blocks are added after the ControlNet's blocks; they "
-                                       "replace a Video ControlNet file's own. 'none': the file as it is (a plain "
-                                       "ControlNet stays per-frame)."),
+                ModelCombo("controlnet_name", CONTROLNET_FOLDER,
+                           tooltip="An SD1.5 ControlNet from models/controlnet, or a Video ControlNet from "
+                                   "models/dreamoving/video_controlnet."),
+                ModelCombo("motion_module", MOTION_FOLDER, choices=(NO_MOTION,), default=NO_MOTION, optional=True,
+                           tooltip="Optional motion module (mm_sd_v15_v2.ckpt, v3_sd15_mm.ckpt, DreaMoving) whose "
+                                   "down/middle motion blocks are added after the ControlNet's blocks; they "
+                                   "replace a Video ControlNet file's own. 'none': the file as it is (a plain "
+                                   "ControlNet stays per-frame)."),
             ],
             outputs=[VideoControlNetIO.Output(display_name="video_controlnet",
                                               tooltip="For Apply Video ControlNet.")],
         )
 
     @classmethod
-    @reports_errors(LOAD_NAME)
     def execute(cls, controlnet_name: str, motion_module: str = NO_MOTION) -> io.NodeOutput:
         motion = None if motion_module in (None, "", NO_MOTION) else motion_module
         return io.NodeOutput(load_for_comfy(controlnet_name, motion))
@@ -191,11 +179,6 @@ class ApplyVideoControlNet(io.ComfyNode):
     @classmethod
     def execute(cls, positive, negative, video_controlnet: VideoControl, images: torch.Tensor, strength: float,
                 start_percent: float, end_percent: float, vae=None) -> io.NodeOutput:
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise node_error(APPLY_NAME, f"images must be an IMAGE batch (frames, height, width, 3), got shape "
-                                         f"{tuple(images.shape)}")
-        if start_percent > end_percent:
-            raise node_error(APPLY_NAME, f"start_percent ({start_percent}) is after end_percent ({end_percent})")
         if strength == 0:
             return io.NodeOutput(positive, negative)
         return io.NodeOutput(*apply_control(positive, negative, video_controlnet, images.movedim(-1, 1), strength,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from devtools.client import ExecutionFailed
+from devtools.client import PromptRejected
 from devtools.graph import Graph
 from devtools.server import PACK_DIR
 from devtools.tiny import preprocess as tiny
@@ -92,22 +92,28 @@ def test_video_to_pose_and_depth_over_http(comfy, files):
     assert progress and progress[-1]["value"] == progress[-1]["max"] == FRAMES
 
 
-def test_missing_models_are_clear_errors_and_the_server_keeps_serving(comfy, files, hide_models):
+def test_missing_models_are_refused_when_queued_and_the_server_keeps_serving(comfy, files, hide_models):
     with hide_models(("dreamoving/preprocess", "yolox_l.onnx"), ("dreamoving/preprocess", "zoedepth-nyu-kitti")):
-        g, _ = video_graph(files, detector="yolox_l.onnx")
-        with pytest.raises(ExecutionFailed) as failed:
-            comfy.run(g.to_api(), timeout=120)
-        message = failed.value.message
-        assert failed.value.node_type == "DreaMovingDWPose"
-        assert message.startswith("DWPose Estimator: model file 'yolox_l.onnx' not found")
+        g, refs = video_graph(files, detector="yolox_l.onnx")
+        del g.nodes[refs["save_depth"].id]  # an output that does not need the missing file would still be run
+        with pytest.raises(PromptRejected) as refused:
+            comfy.queue(g.to_api())
+        errors = refused.value.node_errors[refs["pose"].id]
+        message = " ".join(e["details"] for e in errors["errors"])
+        assert errors["class_type"] == "DreaMovingDWPose"
+        assert "DWPose Estimator: detector: DWPose model 'yolox_l.onnx' is not in" in message
         assert "dw-ll_ucoco_384.onnx" in message and "dreamoving" in message and "preprocess" in message
 
-        g, _ = video_graph(files, zoedepth="zoedepth-nyu-kitti")
-        with pytest.raises(ExecutionFailed) as failed:
-            comfy.run(g.to_api(), timeout=120)
-        assert failed.value.node_type == "DreaMovingZoeDepth"
-        assert "ZoeDepth Estimator: ZoeDepth model folder 'zoedepth-nyu-kitti' not found" in failed.value.message
-        assert "config.json, model.safetensors, preprocessor_config.json" in failed.value.message
+        g, refs = video_graph(files, zoedepth="zoedepth-nyu-kitti")
+        for save in ("save_pose", "save_render"):
+            del g.nodes[refs[save].id]
+        with pytest.raises(PromptRejected) as refused:
+            comfy.queue(g.to_api())
+        errors = refused.value.node_errors[refs["depth"].id]
+        message = " ".join(e["details"] for e in errors["errors"])
+        assert errors["class_type"] == "DreaMovingZoeDepth"
+        assert "ZoeDepth Estimator: model: ZoeDepth model folder 'zoedepth-nyu-kitti' is not in" in message
+        assert "config.json, model.safetensors, preprocessor_config.json" in message
 
     g, refs = video_graph(files)
     result = comfy.run(g.to_api(), timeout=300)  # still serving: the same graph with the right models runs

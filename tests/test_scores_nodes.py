@@ -100,7 +100,7 @@ def test_the_node_returns_the_report_and_the_numbers_and_shows_its_plot(comfy, c
 
 @pytest.mark.parametrize("case, message", [
     ("truth frames", "DreaMoving Score Video: truth: the ground-truth video has 4 frames, the video has 8"),
-    ("missing detector", "DreaMoving Score Video: detector: model file 'yolox_l.onnx' not found"),
+    ("missing detector", "DreaMoving Score Video: detector: DWPose model 'yolox_l.onnx' is not in"),
 ])
 def test_bad_input_names_the_input_and_the_server_keeps_serving(comfy, files, case, message):
     if case == "truth frames":

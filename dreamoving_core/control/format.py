@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFormatError
-from ..io import load_state_dict, read_metadata, save_state_dict
+from ..io import load_state_dict, read_metadata, reading, save_state_dict
 from ..motion.model import MotionBlock, MotionModuleConfig
 from ..motion.format import load_motion_module, motion_module_from_state_dict
 from .model import ControlNetConfig, VideoControlNet
@@ -157,6 +157,10 @@ def infer_config(weights: Mapping[str, torch.Tensor], name: str) -> ControlNetCo
         hint_in = weights["input_hint_block.0.weight"]
     except KeyError as err:
         raise ModelFormatError(f"'{name}' is missing the ControlNet weight {err}; the file is incomplete") from err
+    for key, weight in (("input_blocks.0.0.weight", conv_in), ("input_hint_block.0.weight", hint_in)):
+        if weight.ndim != 4:
+            raise ModelFormatError(f"'{name}': weight {key} has shape {tuple(weight.shape)}, not that of a "
+                                   "convolution; the file is damaged, download it again")
 
     levels: list[list[int]] = [[]]  # transformer depth of each layer, per level
     widths: list[int] = []
@@ -235,22 +239,23 @@ def load_video_controlnet(path: str | os.PathLike, motion_path: str | os.PathLik
     """
     path = Path(path)
     sd = load_state_dict(path)
-    layout = detect_layout(sd, path.name)
-    weights = controlnet_weights(sd, layout, path.name)
-    motion_down = motion_mid = motion = None
-    motion_name = ""
-    if motion_path is not None:
-        motion_name = Path(motion_path).name
-        motion = load_motion_module(motion_path, positional_length=positional_length, pe_extension=pe_extension)
-    elif layout == "video":
-        motion_name = path.name
-        motion = motion_module_from_state_dict(
-            {k[len(MOTION_PREFIX):]: v for k, v in sd.items() if k.startswith(MOTION_PREFIX)}, path.name,
-            positional_length=positional_length, pe_extension=pe_extension, metadata=read_metadata(path))
-    if motion is not None:
-        motion_down, motion_mid = [list(level) for level in motion.down_blocks], motion.mid_block
-    model = build_video_controlnet(weights, path.name, motion_down, motion_mid, motion_name,
-                                   motion.config if motion is not None else None)
+    with reading(path.name, "ControlNet"):  # a motion module's own errors name the motion module
+        layout = detect_layout(sd, path.name)
+        weights = controlnet_weights(sd, layout, path.name)
+        motion_down = motion_mid = motion = None
+        motion_name = ""
+        if motion_path is not None:
+            motion_name = Path(motion_path).name
+            motion = load_motion_module(motion_path, positional_length=positional_length, pe_extension=pe_extension)
+        elif layout == "video":
+            motion_name = path.name
+            motion = motion_module_from_state_dict(
+                {k[len(MOTION_PREFIX):]: v for k, v in sd.items() if k.startswith(MOTION_PREFIX)}, path.name,
+                positional_length=positional_length, pe_extension=pe_extension, metadata=read_metadata(path))
+        if motion is not None:
+            motion_down, motion_mid = [list(level) for level in motion.down_blocks], motion.mid_block
+        model = build_video_controlnet(weights, path.name, motion_down, motion_mid, motion_name,
+                                       motion.config if motion is not None else None)
     return model.to(dtype or next(iter(weights.values())).dtype).eval().requires_grad_(False)
 
 

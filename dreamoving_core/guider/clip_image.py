@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelFormatError
-from ..io import load_state_dict
+from ..io import load_state_dict, reading
 from .model import ImageFeatures
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -120,7 +120,9 @@ class ClipImageEncoder(nn.Module):
         from open_clip.transformer import VisionTransformer  # heavy import, only when a model is loaded
 
         name = os.path.basename(os.fspath(path))
-        weights, cfg = vision_state_dict(load_state_dict(path), name)
+        sd = load_state_dict(path)
+        with reading(name, "CLIP vision model"):
+            weights, cfg = vision_state_dict(sd, name)
         visual = VisionTransformer(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.width,
                                    layers=cfg.layers, heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
                                    output_dim=cfg.embed_dim)

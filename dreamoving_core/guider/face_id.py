@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import paths
 from ..errors import InputMismatchError, ModelFormatError
+from ..io import first_line
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                              [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float32)
 DETECTOR_SIZE = 640
+PACK_SUBFOLDER = "models"  # InsightFace keeps packs in <root>/models/<pack>
 SCORE_THRESHOLD = 0.5
 NMS_THRESHOLD = 0.4
 
@@ -137,20 +140,32 @@ class FaceAnalyzer:
                 session = onnxruntime.InferenceSession(str(file), sess_options=options, providers=providers)
             except Exception as err:  # onnxruntime raises its own Fail/InvalidProtobuf types
                 raise ModelFormatError(f"InsightFace pack '{self.pack.name}': '{file.name}' is not a readable ONNX "
-                                       f"model ({str(err).splitlines()[0]})") from err
-            shape = session.get_inputs()[0].shape
+                                       f"model ({first_line(err)}); download the pack again") from err
+            inputs = session.get_inputs()
+            shape = inputs[0].shape if inputs else []
+            if len(shape) != 4 or isinstance(shape[1], int) and shape[1] != 3:
+                continue  # not an (N, 3, H, W) image model: neither of the two we use
             if len(session.get_outputs()) in (9, 15) and self.detector is None:
                 self.detector = session
-            elif (len(session.get_inputs()) == 1 and shape[2] == shape[3] == 112 and self.recognizer is None):
+            elif len(inputs) == 1 and shape[2] == shape[3] == 112 and self.recognizer is None:
                 self.recognizer = session
         missing = [what for what, s in (("face detector (SCRFD)", self.detector),
                                         ("recognition model (ArcFace, 112×112)", self.recognizer)) if s is None]
         if missing:
-            raise ModelFormatError(f"InsightFace pack '{self.pack.name}' lacks a {' and a '.join(missing)}; use "
-                                   "antelopev2 or buffalo_l")
+            raise ModelFormatError(f"InsightFace pack '{self.pack.name}' lacks a {' and a '.join(missing)} (its "
+                                   "models must take (N, 3, H, W) images); use antelopev2 or buffalo_l")
         self.provider = self.detector.get_providers()[0]
         log.info("DreaMoving face ID: onnxruntime %s runs InsightFace pack '%s' on %s", onnxruntime.__version__,
                  self.pack.name, self.provider)
+
+    def _run(self, session, blob: np.ndarray) -> list[np.ndarray]:
+        """``session`` on ``blob``; a model that does not take it (wrong input size or type) is a bad pack."""
+        try:
+            return session.run(None, {session.get_inputs()[0].name: blob})
+        except Exception as err:  # onnxruntime raises its own InvalidArgument / Fail types
+            raise ModelFormatError(f"InsightFace pack '{self.pack.name}': a model refused its input "
+                                   f"{tuple(blob.shape)} ({first_line(err)}); use antelopev2 or "
+                                   "buffalo_l") from err
 
     def detect(self, image: np.ndarray) -> list[Face]:
         """Faces in ``image`` ``(H, W, 3)`` uint8 RGB, largest first."""
@@ -163,7 +178,7 @@ class FaceAnalyzer:
         canvas = np.zeros((det_h, det_w, 3), np.float32)
         canvas[:resized.shape[0], :resized.shape[1]] = resized
         blob = ((canvas - 127.5) / 128.0).transpose(2, 0, 1)[None]
-        outputs = self.detector.run(None, {self.detector.get_inputs()[0].name: blob})
+        outputs = self._run(self.detector, blob)
         levels = len(outputs) // 3
         strides, anchors = (8, 16, 32, 64, 128)[:levels], 2 if levels == 3 else 1
         boxes, scores, points = [], [], []
@@ -184,7 +199,11 @@ class FaceAnalyzer:
     def identity(self, image: np.ndarray, label: str, crop_size: int = 224) -> FaceIdentity:
         """ArcFace embedding and aligned crop of the largest face of ``image`` ``(H, W, 3)`` float RGB in [0, 1].
 
-        Raises ``InputMismatchError`` naming ``label`` when no face is found."""
+        Raises ``InputMismatchError`` naming ``label`` when no face is found. RGBA loses its alpha, grayscale
+        ``(H, W, 1)`` is repeated to RGB."""
+        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+            raise InputMismatchError(f"{label} must be an (H, W, 3) RGB image, got an array of shape {image.shape}")
+        image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
         pixels = (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
         faces = self.detect(pixels)
         if not faces:
@@ -199,29 +218,30 @@ class FaceAnalyzer:
         """L2-normalised ArcFace embeddings ``(N, 512)`` float32 of faces aligned by :func:`align_face`:
         ``aligned`` ``(N, 112, 112, 3)`` uint8 RGB, run as one batch (one at a time for a fixed-batch model)."""
         blob = ((aligned.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2)
-        name = self.recognizer.get_inputs()[0].name
         step = 1 if self.recognizer.get_inputs()[0].shape[0] == 1 else len(blob)
-        out = np.concatenate([self.recognizer.run(None, {name: blob[i:i + step]})[0]
+        out = np.concatenate([self._run(self.recognizer, blob[i:i + step])[0]
                               for i in range(0, len(blob), max(step, 1))])
         return (out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
+def _pack_roots(roots: list[str | os.PathLike]) -> list[Path]:
+    return [Path(r) / PACK_SUBFOLDER for r in roots] + [Path(r) for r in roots]
+
+
+def _has_onnx(folder: Path) -> bool:
+    return any(folder.glob("*.onnx"))
+
+
 def find_pack(roots: list[str | os.PathLike], name: str) -> Path:
     """The folder of pack ``name`` under any of ``roots`` (``<root>/models/<name>`` as InsightFace lays it out, or
-    ``<root>/<name>``)."""
-    for root in roots:
-        for candidate in (Path(root) / "models" / name, Path(root) / name):
-            if candidate.is_dir() and any(candidate.glob("*.onnx")):
-                return candidate
-    raise ModelFormatError(f"InsightFace pack '{name}' not found; put its .onnx files in "
-                           f"models/insightface/models/{name}/")
+    ``<root>/<name>``), resolved only inside them (``paths.find``)."""
+    found = paths.find(name, _pack_roots(roots), folder=True)
+    if found is None or not _has_onnx(found):
+        raise InputMismatchError(f"InsightFace pack '{name}' not found; put its .onnx files in "
+                                 f"models/insightface/models/{name}/")
+    return found
 
 
 def list_packs(roots: list[str | os.PathLike]) -> list[str]:
     """Names of the pack folders (holding .onnx files) under ``roots``."""
-    names = set()
-    for root in roots:
-        for base in (Path(root) / "models", Path(root)):
-            if base.is_dir():
-                names.update(p.name for p in base.iterdir() if p.is_dir() and any(p.glob("*.onnx")))
-    return sorted(names)
+    return paths.list_folders(_pack_roots(roots), _has_onnx)

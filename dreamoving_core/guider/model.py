@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from ..errors import InputMismatchError, ModelFormatError
-from ..io import load_state_dict, read_metadata
+from ..io import load_state_dict, read_metadata, reading
 from .format import EMBED_NAMES, ENCODER_NAMES, ProjectionConfig, SourceWeights, parse_guider_state_dict
 
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -332,6 +332,8 @@ def load_content_guider(path: str | os.PathLike) -> ContentGuider:
     """Load a DreaMoving Content Guider or SD1.5 IP-Adapter file (``.safetensors`` or weights-only ``.bin``)."""
     name = os.path.basename(os.fspath(path))
     sd = load_state_dict(path)
-    parsed = parse_guider_state_dict(sd, name, read_metadata(path))
-    return ContentGuider(name, parsed.format, {slot: ContentSource(w, name) for slot, w in parsed.sources.items()})
+    with reading(name, "Content Guider or IP-Adapter"):
+        parsed = parse_guider_state_dict(sd, name, read_metadata(path))
+        return ContentGuider(name, parsed.format,
+                             {slot: ContentSource(w, name) for slot, w in parsed.sources.items()})
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelFormatError
-from ..io import load_state_dict, read_metadata, save_state_dict
+from ..io import load_state_dict, read_metadata, reading, save_state_dict
 from .model import (DEFAULT_POSITIONAL_LENGTH, PE_EXTENSIONS, TORCH_OPS, MotionModule, MotionModuleConfig,
                      PeExtension, extend_positional_encoding)
 
@@ -210,17 +210,18 @@ def motion_module_from_state_dict(sd: Mapping[str, torch.Tensor], name: str = "<
     """
     if pe_extension not in PE_EXTENSIONS:
         raise ValueError(f"pe_extension must be one of {PE_EXTENSIONS}, got '{pe_extension}'")
-    version, weights = _native_weights(_strip_training_prefix(sd), name)
-    config = infer_config(weights, name, version, metadata)
-    length = positional_length or max(config.positional_length, DEFAULT_POSITIONAL_LENGTH)
-    config = replace(config, positional_length=length)
-    with torch.device("meta"):
-        module = MotionModule(config, ops)
-    expected = module.state_dict()
-    _check_weights(weights, expected, name)
-    weights = {k: extend_positional_encoding(v, length, pe_extension) if k.endswith(".pe") else v
-               for k, v in weights.items()}
-    module.load_state_dict(weights, assign=True)
+    with reading(name, "motion module"):
+        version, weights = _native_weights(_strip_training_prefix(sd), name)
+        config = infer_config(weights, name, version, metadata)
+        length = positional_length or max(config.positional_length, DEFAULT_POSITIONAL_LENGTH)
+        config = replace(config, positional_length=length)
+        with torch.device("meta"):
+            module = MotionModule(config, ops)
+        expected = module.state_dict()
+        _check_weights(weights, expected, name)
+        weights = {k: extend_positional_encoding(v, length, pe_extension) if k.endswith(".pe") else v
+                   for k, v in weights.items()}
+        module.load_state_dict(weights, assign=True)
     if dtype is not None:
         module.to(dtype)
     return module.eval().requires_grad_(False)

@@ -22,7 +22,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import DreaMovingError, ModelFormatError
+from ..errors import InputMismatchError, ModelFormatError
+from ..io import first_line
 from .pose import PoseFrame, from_wholebody
 
 log = logging.getLogger("dreamoving.dwpose")
@@ -59,7 +60,7 @@ def onnx_session(path: str | os.PathLike, device: str = "auto"):
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise DreaMovingError(f"ONNX model '{path}' does not exist")
+        raise ModelFormatError(f"ONNX model '{path}' does not exist")
     key = (os.path.realpath(path), os.path.getmtime(path), device)
     if key in _sessions:
         return _sessions[key]
@@ -78,7 +79,8 @@ def onnx_session(path: str | os.PathLike, device: str = "auto"):
         try:
             session = ort.InferenceSession(path, options, providers=[CPU])
         except Exception as err:
-            raise ModelFormatError(f"'{os.path.basename(path)}' is not a loadable ONNX model: {err}") from err
+            raise ModelFormatError(f"'{os.path.basename(path)}' is not a loadable ONNX model ({first_line(err)}); "
+                                   "the file may be truncated or corrupt: download it again") from err
     used = session.get_providers()[0]
     if device == "cuda" and used != CUDA:
         log.warning("DWPose: CUDA was requested but onnxruntime runs on %s", used)
@@ -100,18 +102,39 @@ def _fixed_batch(session) -> bool:
     return session.get_inputs()[0].shape[0] == 1
 
 
+def _check_image_input(session, name: str, model: str) -> None:
+    """The model must take one ``(N, 3, H, W)`` image, as both DWPose stages do."""
+    inputs = session.get_inputs()
+    shape = inputs[0].shape if len(inputs) == 1 else None
+    if shape is None or len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != 3):
+        found = ", ".join(f"{i.name} {i.shape}" for i in inputs)
+        raise ModelFormatError(f"'{name}' is not a {model}: expected one image input (1, 3, height, width), "
+                               f"found {found}")
+
+
+def _run(session, name: str, blob: np.ndarray) -> list[np.ndarray]:
+    """``session`` on ``blob``; an error of onnxruntime's (a model that does not take the input) names the file."""
+    try:
+        return session.run(None, {session.get_inputs()[0].name: blob})
+    except Exception as err:  # onnxruntime's own InvalidArgument / Fail types
+        raise ModelFormatError(f"'{name}' refused its input {tuple(blob.shape)} ({first_line(err)}); "
+                               "it is not the DWPose model it is named after") from err
+
+
 def _check_detector(session, name: str) -> None:
+    _check_image_input(session, name, "YOLOX detector")
     outs = session.get_outputs()
     last = outs[0].shape[-1] if len(outs) == 1 else None
-    if len(outs) != 1 or len(session.get_inputs()) != 1 or (isinstance(last, int) and last < 6):
+    if len(outs) != 1 or len(outs[0].shape) != 3 or (isinstance(last, int) and last < 6):
         found = ", ".join(f"{o.name} {o.shape}" for o in outs)
         raise ModelFormatError(
             f"'{name}' is not a YOLOX detector: expected one output (1, anchors, 5 + classes), found {found}")
 
 
 def _check_estimator(session, name: str) -> None:
+    _check_image_input(session, name, "DWPose estimator")
     outs = session.get_outputs()
-    if len(outs) != 2 or len(session.get_inputs()) != 1:
+    if len(outs) != 2 or any(len(o.shape) != 3 for o in outs):
         found = ", ".join(f"{o.name} {o.shape}" for o in outs)
         raise ModelFormatError(
             f"'{name}' is not a DWPose estimator: expected outputs simcc_x and simcc_y, found {found}")
@@ -230,7 +253,7 @@ class DWPose:
         session, cfg = self.detector, self.config
         size = _input_hw(session, (640, 640))
         blob, ratio = letterbox(image, size)
-        output = session.run(None, {session.get_inputs()[0].name: blob[None]})[0][0]
+        output = _run(session, os.path.basename(self.detector_path), blob[None])[0][0]
         boxes, scores = decode_yolox(output, size)
         boxes = boxes / ratio
         candidate = scores > cfg.candidate_threshold
@@ -258,9 +281,9 @@ class DWPose:
         if not crops:
             return np.zeros((0, 133, 2), np.float32), np.zeros((0, 133), np.float32)
         batch = np.stack(crops).astype(np.float32)
-        name = session.get_inputs()[0].name
+        name = os.path.basename(self.estimator_path)
         chunks = [batch[i:i + 1] for i in range(len(batch))] if _fixed_batch(session) else [batch]
-        outs = [session.run(None, {name: chunk}) for chunk in chunks]
+        outs = [_run(session, name, chunk) for chunk in chunks]
         by_name = {o.name: i for i, o in enumerate(session.get_outputs())}
         ix, iy = by_name.get("simcc_x", 0), by_name.get("simcc_y", 1)
         simcc_x = np.concatenate([o[ix] for o in outs])
@@ -318,7 +341,7 @@ def to_uint8(frames: torch.Tensor | np.ndarray) -> np.ndarray:
     elif frames.dtype != np.uint8:
         frames = (np.clip(frames, 0, 1) * 255).round().astype(np.uint8)
     if frames.ndim != 4:
-        raise DreaMovingError(f"expected frames (F, H, W, C), got shape {tuple(frames.shape)}")
+        raise InputMismatchError(f"expected frames (F, H, W, C), got shape {tuple(frames.shape)}")
     if frames.shape[-1] == 1:
         frames = np.repeat(frames, 3, axis=-1)
     return np.ascontiguousarray(frames[..., :3])

@@ -17,8 +17,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelFormatError
+from ..images import rgb_frames
+from ..io import first_line, verify_weights_file
 
 NEAR_PERCENTILE, FAR_PERCENTILE = 2.0, 85.0
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # the one transformers reads first, first
 QUANTILE_SAMPLES = 4_000_000  # torch.quantile refuses inputs over 16M elements; a strided sample is plenty
 
 
@@ -33,13 +36,13 @@ class ZoeDepth:
 
     @torch.no_grad()
     def depth(self, frames: torch.Tensor, batch_size: int = 4, progress=None) -> torch.Tensor:
-        """Metric depth (metres, larger = further) of ``frames`` ``(F, H, W, 3)`` float 0..1 -> ``(F, H, W)``.
+        """Metric depth (metres, larger = further) of ``frames`` ``(F, H, W, 3)`` float 0..1 -> ``(F, H, W)``
+        (RGBA and grayscale frames are converted, unusable ones refused: ``images.rgb_frames``).
 
         ``progress(done)`` is called after every batch with the number of frames done.
         """
-        if frames.ndim != 4 or frames.shape[-1] < 3:
-            raise ModelFormatError(f"ZoeDepth expects frames (F, H, W, 3), got {tuple(frames.shape)}")
-        images = (frames[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 3, 1, 2).cpu()
+        frames = rgb_frames(frames, "ZoeDepth frames")
+        images = (frames.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 3, 1, 2).cpu()
         height, width = images.shape[-2:]
         out = []
         for start in range(0, len(images), batch_size):
@@ -97,10 +100,19 @@ def _check_folder(folder: str) -> None:
         with open(config_path, encoding="utf-8") as f:
             model_type = json.load(f).get("model_type")
     except (OSError, ValueError) as err:
-        raise ModelFormatError(f"'{config_path}' is not readable JSON: {err}") from err
+        raise ModelFormatError(f"ZoeDepth folder '{os.path.basename(folder)}': config.json is not readable JSON "
+                               f"({err}); download it again") from err
     if model_type != "zoedepth":
         raise ModelFormatError(f"'{folder}' holds a '{model_type}' model; expected a ZoeDepth model "
                                "(config.json model_type 'zoedepth', e.g. Intel/zoedepth-nyu-kitti)")
+    weights = [os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))]
+    if not weights:
+        raise ModelFormatError(f"'{folder}' has no weights file ({' or '.join(WEIGHT_FILES)}); download it from "
+                               "huggingface.co/Intel/zoedepth-nyu-kitti")
+    try:
+        verify_weights_file(weights[0])  # transformers' own errors would advise loading a pickle unsafely
+    except ModelFormatError as err:
+        raise ModelFormatError(f"ZoeDepth folder '{os.path.basename(folder)}': {err}") from err
 
 
 _cache: dict[tuple, ZoeDepth] = {}
@@ -119,12 +131,13 @@ def load_zoedepth(folder: str | os.PathLike, device: torch.device | str = "cpu",
 
     try:
         model = ZoeDepthForDepthEstimation.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ModelFormatError(f"could not load ZoeDepth from '{folder}': {err}") from err
-    if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
-        processor = ZoeDepthImageProcessor.from_pretrained(folder, local_files_only=True)
-    else:
-        processor = ZoeDepthImageProcessor(ensure_multiple_of=32)
+        if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+            processor = ZoeDepthImageProcessor.from_pretrained(folder, local_files_only=True)
+        else:
+            processor = ZoeDepthImageProcessor(ensure_multiple_of=32)
+    except Exception as err:  # transformers raises OSError, ValueError, RuntimeError, its own errors...
+        raise ModelFormatError(f"could not load ZoeDepth from '{folder}' ({first_line(err)}); download the "
+                               "folder again from huggingface.co/Intel/zoedepth-nyu-kitti") from err
     _cache.clear()
     _cache[key] = ZoeDepth(model.to(device, dtype).eval(), processor, device, dtype)
     return _cache[key]
