@@ -186,6 +186,13 @@ class ImageProjection(nn.Module):
             raise ModelFormatError(f"'{name}': image projection weights do not fit a {self.cfg.kind} projection "
                                    f"({str(err).splitlines()[0]})") from err
 
+    def file_weights(self) -> dict[str, torch.Tensor]:
+        """The weights under the file's key names (the inverse of :meth:`load_weights`)."""
+        weights = self.state_dict()
+        if self.cfg.kind == "resampler":
+            weights = {k.removeprefix("resampler."): v for k, v in weights.items()}
+        return weights
+
     def forward(self, clip: torch.Tensor | None, arcface: torch.Tensor | None = None,
                 shortcut_scale: float = 1.0, attention: AttentionFn = sdpa_attention) -> torch.Tensor:
         """``clip``: ``(B, E)`` image_embeds or ``(B, T, W)`` hidden states; ``arcface``: ``(B, 512)``."""
@@ -270,6 +277,11 @@ class ContentSource(nn.Module):
         for layer, weight in (*zip(self.to_k, weights.to_k), *zip(self.to_v, weights.to_v)):
             layer.load_state_dict({"weight": weight.float()}, assign=True)
 
+    def source_weights(self) -> SourceWeights:
+        """This source's current weights in the file layout (what :func:`~.format.guider_state_dict` saves)."""
+        return SourceWeights(self.config, self.projection.file_weights(), [layer.weight for layer in self.to_k],
+                             [layer.weight for layer in self.to_v])
+
     @property
     def config(self) -> ProjectionConfig:
         return self.projection.cfg
@@ -301,16 +313,20 @@ class ContentSource(nn.Module):
                                      f"({cfg.encoder_name}); the CLIP vision model gives {clip.shape[-1]} ({found}). "
                                      f"Load the {cfg.encoder_name} image encoder this adapter was trained with")
 
+    def project(self, features: ImageFeatures, shortcut_scale: float = 1.0,
+                attention: AttentionFn = sdpa_attention) -> torch.Tensor:
+        """Context tokens ``(n, N, C)``, one row per image of ``features``, computed in the weights' dtype on the
+        features' device (differentiable: training calls it)."""
+        clip = features.image_embeds if self.config.clip_input == "image_embeds" else features.penultimate_hidden_states
+        dtype = self.to_k[0].weight.dtype
+        return self.projection(*(None if x is None else x.to(dtype) for x in (clip, features.arcface)),
+                               shortcut_scale, attention)
+
     @torch.no_grad()
     def tokens(self, features: ImageFeatures, shortcut_scale: float = 1.0,
                attention: AttentionFn = sdpa_attention) -> torch.Tensor:
-        """Context tokens ``(1, n·N, C)`` of ``n`` reference images (their tokens side by side), computed in the
-        weights' dtype on the features' device."""
-        clip = features.image_embeds if self.config.clip_input == "image_embeds" else features.penultimate_hidden_states
-        dtype = self.to_k[0].weight.dtype
-        tokens = self.projection(*(None if x is None else x.to(dtype) for x in (clip, features.arcface)),
-                                 shortcut_scale, attention)
-        return rearrange(tokens, "n t c -> 1 (n t) c")
+        """Context tokens ``(1, n·N, C)`` of ``n`` reference images (their tokens side by side)."""
+        return rearrange(self.project(features, shortcut_scale, attention), "n t c -> 1 (n t) c")
 
     @torch.no_grad()
     def keys_values(self, features: ImageFeatures, blank: ImageFeatures, what: str = "image",
