@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import content_guider, motion, preprocess, video_controlnet
+from . import content_guider, motion, preprocess, video, video_controlnet
+from .inputs import install_sample_inputs
 
-TOPICS = (motion, video_controlnet, content_guider, preprocess)
+TOPICS = (video, motion, video_controlnet, content_guider, preprocess)
 
 
 class DreaMovingExtension(ComfyExtension):
@@ -14,4 +15,5 @@ class DreaMovingExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> DreaMovingExtension:
+    install_sample_inputs()
     return DreaMovingExtension()
