@@ -14,7 +14,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from dreamoving_core.preprocess.dwpose import DETECTOR_FILE, ESTIMATOR_FILE, DWPose, to_uint8, work_size
 from dreamoving_core.errors import DreaMovingError, InputMismatchError
@@ -154,8 +154,10 @@ class DWPoseEstimator(io.ComfyNode):
         height, width = work_size(images.shape[1], images.shape[2], detect_resolution)
         pictures = draw_poses(poses, height, width, draw_body, draw_hands, draw_face)
         keypoints = to_pose_keypoint(poses)
-        # the JSON also goes to the UI/history under comfyui_controlnet_aux's key, for editors and API clients
-        return io.NodeOutput(pictures, keypoints, ui={"openpose_json": [json.dumps(keypoints)]})
+        # the frames are previewed on the node; the JSON also goes to the UI/history under comfyui_controlnet_aux's
+        # key, for editors and API clients
+        preview = ui.PreviewImage(pictures, cls=cls).as_dict()
+        return io.NodeOutput(pictures, keypoints, ui={**preview, "openpose_json": [json.dumps(keypoints)]})
 
 
 class RenderPose(io.ComfyNode):
@@ -217,7 +219,8 @@ class ZoeDepthEstimator(io.ComfyNode):
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         zoe = load_zoedepth(find_zoedepth(model), device, dtype)
         depth = zoe.depth(images, batch_size, progress=_progress(len(images)))
-        return io.NodeOutput(depth_to_hint(depth, per_frame_normalization))
+        hints = depth_to_hint(depth, per_frame_normalization)
+        return io.NodeOutput(hints, ui=ui.PreviewImage(hints, cls=cls))
 
 
 NODES: list[type[io.ComfyNode]] = [DWPoseEstimator, RenderPose, ZoeDepthEstimator]
