@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Developer entry point: ``python dev.py demo`` and ``python dev.py test``.
+"""Developer entry point: ``python dev.py demo``, ``test``, ``models``, ``workflows`` and ``inputs``.
 
 Both commands do their own set-up and are idempotent: a virtual environment, the pack's requirements and a ComfyUI
 host are created once in a cache folder (``DREAMOVING_CACHE``, default ``~/.cache/dreamoving``) and reused.
@@ -27,10 +27,14 @@ def main() -> int:
     sub.add_parser("setup", help="create the virtual environment and the ComfyUI host, then stop")
     demo = sub.add_parser("demo", help="run the demo workflow on a real ComfyUI server and print the video path")
     demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
-    sub.add_parser("workflows", help="regenerate the canvas workflows in workflows/ from workflows/api/")
+    sub.add_parser("workflows", help="regenerate the canvas workflows and thumbnails in workflows/ from workflows/api/")
+    sub.add_parser("inputs", help="regenerate the sample input files in inputs/")
+    sub.add_parser("models", add_help=False,
+                   help="check a models folder against the shipped workflows, download what is missing "
+                        "(python dev.py models --help)")
     sub.add_parser("test", help="run the test suite (extra arguments go to pytest)")
     args, pytest_args = parser.parse_known_args()
-    if pytest_args and args.command != "test":
+    if pytest_args and args.command not in ("test", "models"):
         parser.error(f"unrecognized arguments: {' '.join(pytest_args)}")
 
     python = host.ensure_venv()
@@ -48,6 +52,16 @@ def main() -> int:
         paths = [a for a in pytest_args if (PACK_DIR / a.split("::")[0]).exists()]
         cmd = [sys.executable, "-m", "pytest", *pytest_args, *([] if paths else ["tests"])]
         return subprocess.call(cmd, cwd=PACK_DIR, env=env)
+    if args.command == "models":
+        from devtools import models
+
+        return models.main(pytest_args, comfy_dir)
+    if args.command == "inputs":
+        from devtools.inputs import write_all
+
+        for path in write_all():
+            print(f"wrote {path.relative_to(PACK_DIR)} ({path.stat().st_size // 1024} KiB)")
+        return 0
     if args.command == "workflows":
         from devtools.workflow_ui import regenerate
         from devtools.server import ComfyServer
