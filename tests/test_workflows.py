@@ -214,3 +214,36 @@ def test_an_unwritable_input_folder_is_logged_not_raised(comfy_dir, tmp_path, ca
     blocker.write_text("a file where the input folder should be")
     assert pack_nodes("inputs").install_sample_inputs(str(blocker)) == []
     assert "could not copy the sample inputs" in caplog.text
+
+
+README = (PACK_DIR / "README.md").read_text()
+
+
+def test_readme_model_table_names_every_catalogued_file_and_where_to_get_it():
+    from dreamoving_core.catalog import CATALOG, FOLDERS
+
+    for model in CATALOG:
+        row = next((ln for ln in README.splitlines() if ln.startswith(f"| `{model.name}")), None)
+        assert row is not None, f"README's model table has no row for {model.name}"
+        assert f"`models/{FOLDERS[model.folder][0]}/`" in row
+        assert (model.page if len(model.files) > 1 else model.url) in row, row
+
+
+def test_readme_http_example_queues_a_shipped_workflow(comfy, comfy_base, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = README.split("<!-- example:http -->")[1].split("```python")[1].split("```")[0]
+    pack = tmp_path / "pack"
+    (pack / "workflows" / "api").mkdir(parents=True)
+    shipped = substitute(install_tiny_models(load_graph(API_DIR / "dreamoving_pose.json"), comfy_base),
+                         {("KSampler", "steps"): 1})  # tiny models, tiny canvas: the example itself is unchanged
+    (pack / "workflows" / "api" / "dreamoving_pose.json").write_text(json.dumps(shipped))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "COMFYUI_URL": comfy.base_url, "DREAMOVING_PACK": str(pack)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    wrote = [ln.split()[1:] for ln in out.stdout.splitlines() if ln.startswith("wrote ")]
+    assert wrote and all((comfy_base / "output" / sub / name).is_file() for sub, name in wrote), out.stdout
+    frames, _ = read_video(comfy_base / "output" / wrote[0][0] / wrote[0][1])
+    assert len(frames) == 16, "the example's frame_cap reached the graph"
