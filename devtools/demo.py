@@ -140,7 +140,22 @@ def add_side_by_side(graph: dict) -> str:
                format="mp4", codec="h264")[0]
 
 
-def run(comfy_dir: Path, port: int = 0) -> int:
+def accelerator() -> str | None:
+    """The GPU ComfyUI would run on without ``--cpu`` (CUDA/ROCm, Intel XPU or Apple MPS, as torch sees it), or
+    None."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (cuda)"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "Intel GPU (xpu)"
+    if torch.backends.mps.is_available():
+        return "Apple GPU (mps)"
+    return None
+
+
+def run(comfy_dir: Path, port: int = 0, cpu: bool = False) -> int:
+    """Run the demo graph on ComfyUI ``comfy_dir``: on the GPU when torch sees one, unless ``cpu``."""
     base = cache_dir() / "demo-base"
     graph = load_graph()
     extra: tuple[str, ...] = ()
@@ -160,8 +175,10 @@ def run(comfy_dir: Path, port: int = 0) -> int:
         graph = install_tiny_models(graph, base)
         print("[dreamoving] no DREAMOVING_MODELS set: using tiny RANDOM weights, so the video shows coloured noise")
     side_by_side = add_side_by_side(graph)
-    server = ComfyServer(comfy_dir, base, port=port, extra_args=extra)
-    print(f"[dreamoving] starting ComfyUI {comfy_dir} on {server.url} (log: {server.log_path})", flush=True)
+    gpu = None if cpu else accelerator()
+    server = ComfyServer(comfy_dir, base, port=port, extra_args=extra, cpu=gpu is None)
+    device = f"on the GPU {gpu}" if gpu else "on the CPU" + (" (--cpu)" if cpu else " (torch sees no GPU)")
+    print(f"[dreamoving] starting ComfyUI {comfy_dir} {device} on {server.url} (log: {server.log_path})", flush=True)
     server.start()
     try:
         if server.import_failures():

@@ -5,12 +5,12 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 from devtools.client import ComfyClient
+from devtools.host import python_for
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 PACK_NAME = "comfyui-dreamoving"
@@ -47,20 +47,24 @@ def prepare_base(base: Path) -> Path:
 
 
 class ComfyServer:
-    """One ComfyUI process on 127.0.0.1; ``client`` talks to it; ``log()`` returns what it printed."""
+    """One ComfyUI process on 127.0.0.1, run by the interpreter of that ComfyUI's environment (``python_for``);
+    ``client`` talks to it; ``log()`` returns what it printed. ``cpu``: start it with ``--cpu`` (tests, for
+    deterministic output); otherwise ComfyUI picks the GPU when torch sees one."""
 
-    def __init__(self, comfy_dir: Path, base: Path, port: int = 0, extra_args: tuple[str, ...] = ()):
+    def __init__(self, comfy_dir: Path, base: Path, port: int = 0, extra_args: tuple[str, ...] = (),
+                 cpu: bool = True):
         self.comfy_dir = Path(comfy_dir)
         self.base = prepare_base(Path(base))
         self.port = port or free_port()
-        self.extra_args = extra_args
+        self.extra_args = (*(("--cpu",) if cpu else ()), *extra_args)
+        self.python = python_for(self.comfy_dir)
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "comfyui.log"
         self.proc: subprocess.Popen | None = None
         self.client = ComfyClient(self.url, output_dir=self.base / "output")
 
     def start(self, timeout: float = 240) -> "ComfyServer":
-        cmd = [sys.executable, str(self.comfy_dir / "main.py"), "--cpu", "--base-directory", str(self.base),
+        cmd = [str(self.python), str(self.comfy_dir / "main.py"), "--base-directory", str(self.base),
                "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch", *self.extra_args]
         self._log_file = open(self.log_path, "w")
         env = dict(os.environ, PYTHONUNBUFFERED="1")

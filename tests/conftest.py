@@ -1,19 +1,53 @@
-"""Session fixtures: a real ComfyUI server with this pack in custom_nodes, its client, tiny models."""
+"""Session fixtures: a real ComfyUI server with this pack in custom_nodes, its client, tiny models.
+
+The session's host is ``COMFYUI_DIR`` (``python dev.py test`` sets it for each host it tests), else the cached pinned
+ComfyUI; the pytest header names it.
+"""
 from __future__ import annotations
 
 import contextlib
-import os
+import importlib.machinery
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
+from devtools.host import comfyui_version, current_comfy_dir, python_for
 from devtools.server import ComfyServer, link
-from devtools.host import COMFYUI_VERSION, cache_dir
+
+
+def _claim_tests_package() -> None:
+    """Make ``tests`` this folder: some wheels (torch-fidelity) install a top-level ``tests`` package into
+    site-packages, which would otherwise shadow it (this folder has no ``__init__.py``, see pytest.ini)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in list(getattr(sys.modules.get("tests"), "__path__", [])):
+        spec = importlib.machinery.ModuleSpec("tests", None, is_package=True)
+        spec.submodule_search_locations = [here]
+        sys.modules["tests"] = importlib.util.module_from_spec(spec)
+
+
+_claim_tests_package()
+
+
+def _host_line() -> str:
+    path = current_comfy_dir()
+    server = python_for(path)
+    where = f"python {sys.executable}" + ("" if Path(sys.executable) == server else f", server python {server}")
+    return f"ComfyUI host: {comfyui_version(path) or 'unknown version'} at {path} ({where})"
+
+
+def pytest_report_header(config) -> str:
+    return _host_line()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    terminalreporter.write_line(_host_line())
 
 
 @pytest.fixture(scope="session")
 def comfy_dir() -> Path:
-    path = Path(os.environ.get("COMFYUI_DIR") or cache_dir() / f"comfyui-{COMFYUI_VERSION}")
+    path = current_comfy_dir()
     if not (path / "main.py").exists():
         pytest.fail(f"no ComfyUI at {path}: run the tests through `python dev.py test`, or set COMFYUI_DIR")
     return path

@@ -41,9 +41,9 @@ def cached(relpath: str, build: Callable[[Path], None]) -> Path:
 def comfy_importable(cpu: bool = True) -> Path:
     """Put ComfyUI (``COMFYUI_DIR`` or the cached pinned copy) on ``sys.path`` for in-process ``comfy.*`` imports;
     ``cpu`` forces the CPU so ``comfy.model_management`` does not look for CUDA. Returns the ComfyUI folder."""
-    from devtools.host import COMFYUI_VERSION
+    from devtools.host import current_comfy_dir
 
-    comfy_dir = Path(os.environ.get("COMFYUI_DIR") or cache_dir() / f"comfyui-{COMFYUI_VERSION}")
+    comfy_dir = current_comfy_dir()
     if str(comfy_dir) not in sys.path:
         sys.path.insert(0, str(comfy_dir))
     from comfy.cli_args import args
