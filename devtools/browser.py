@@ -123,9 +123,9 @@ class ComfyPage:
         self.console += entries
         return entries
 
-    def open_template(self, module: str, name: str) -> dict:
-        """Open workflow ``name`` of custom-node pack ``module`` from the template browser; returns what its card
-        showed (title, description, whether the thumbnail loaded)."""
+    def open_template(self, module: str, name: str, shows: str | None = None) -> dict:
+        """Open workflow ``name`` of custom-node pack ``module`` from the template browser (once its card shows the
+        text ``shows``, if given); returns what its card showed (text, thumbnail width, thumbnail source)."""
         self.js("app.extensionManager.command.execute('Comfy.BrowseTemplates')")
         self.wait("document.querySelector('[data-testid=\"template-workflows-content\"]')")
         category = ("[...document.querySelectorAll('.p-dialog [role=button], .p-dialog span')]"
@@ -136,6 +136,9 @@ class ComfyPage:
         self.wait("document.querySelector(arguments[0])", 30, card_selector)
         self.wait("(() => { const i = document.querySelector(arguments[0] + ' img');"
                   " return i && i.complete; })()", 30, card_selector)
+        if shows:
+            self.wait("document.querySelector(arguments[0]).innerText.includes(arguments[1])", 30, card_selector,
+                      shows)
         card = self.js("""const c = document.querySelector(arguments[0]); const img = c.querySelector('img');
                           return {text: c.innerText, thumbnail: img ? img.naturalWidth : 0,
                                   src: img ? img.getAttribute('src') : null};""", card_selector)

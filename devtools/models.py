@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ def shipped_workflows() -> dict[str, dict]:
     return graphs
 
 
-def inspect(models_dir: Path, folder: str, name: str) -> Status:
+def status_of(models_dir: Path, folder: str, name: str) -> Status:
     """Whether ``folder``/``name`` is in ``models_dir`` and is the kind of model its loader needs."""
     model = BY_NAME.get((folder, name))
     if model is None:
@@ -96,8 +97,6 @@ def main(argv: list[str] | None = None, comfy_dir: Path | None = None) -> int:
     parser.add_argument("--download", action="store_true", help="download what is missing, then check it")
     parser.add_argument("--mirror", help="fetch from this base URL + each file's original path")
     args = parser.parse_args(argv)
-    import os
-
     models_dir = args.models or (Path(os.environ["DREAMOVING_MODELS"]) if os.environ.get("DREAMOVING_MODELS")
                                  else (comfy_dir / "models" if comfy_dir else None))
     if models_dir is None:
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None, comfy_dir: Path | None = None) -> int:
     for graph in workflows.values():
         needed += [m for m in required_models(graph) if m not in needed]
     print(f"models folder: {models_dir}")
-    status = {key: inspect(models_dir, *key) for key in needed}
+    status = {key: status_of(models_dir, *key) for key in needed}
     if args.download:
         for key, st in status.items():
             if st.state != MISSING:
@@ -120,7 +119,7 @@ def main(argv: list[str] | None = None, comfy_dir: Path | None = None) -> int:
                 download(st.model, models_dir, progress_bar, mirror(args.mirror))
             except DreaMovingError as err:
                 print(f"  download of {st.name} failed: {err}", file=sys.stderr)
-            status[key] = inspect(models_dir, *key)
+            status[key] = status_of(models_dir, *key)
     width = max(len(st.where) for st in status.values())
     for st in status.values():
         detail = st.model.url if st.state == MISSING and st.model.is_single_file else st.detail

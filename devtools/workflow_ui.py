@@ -23,6 +23,7 @@ from dreamoving_core.catalog import BY_NAME, LOADER_INPUTS
 
 API_DIR = PACK_DIR / "workflows" / "api"
 UI_DIR = PACK_DIR / "workflows"
+DESCRIPTIONS = PACK_DIR / "web" / "js" / "templates.json"
 NOTE_TYPES = ("Note", "MarkdownNote")  # frontend-only nodes: never part of the API graph
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
@@ -65,8 +66,7 @@ class Layout:
 
 
 NOTE = "Note"
-MODELS, VIDEO, POSE, LOOK, PROMPT, SAMPLE, OUTPUT = ("#3f5159", "#385544", "#62533b", "#5a3e59", "#3f4a63",
-                                                     "#57463b", "#3e5549")
+MODELS, VIDEO, POSE, LOOK, PROMPT, SAMPLE = "#3f5159", "#385544", "#62533b", "#5a3e59", "#3f4a63", "#57463b"
 # Nodes that show pictures: room (px) kept below their widgets so previews never cover a neighbour. Load Video's
 # player is as high as the node is wide (a square video) plus its upload button: the frontend grows the node to
 # that when the video loads.
@@ -76,8 +76,8 @@ PREVIEW_HEIGHT = {"LoadImage": 260, "LoadVideo": WIDE["LoadVideo"] + 50, "SaveVi
 SWAP_DANCE = ("Your dance video: pick it in Driving Video (drop a file on the node to upload). Driving Video Frames "
               "takes frame_cap frames, every every_nth-th (2 halves the rate); the latent's frame count and the "
               "output frame rate follow.")
-SWAP_POSE = ("Your pose video: pick it in Driving Video; any OpenPose-style video works (template 'Dance video to "
-             "pose and depth' makes one from a dance video).")
+SWAP_POSE = ("Your pose video: pick it in Driving Video; any OpenPose-style video works (the template 'DreaMoving 7. "
+             "Dance video to pose + depth' makes one from a dance video).")
 MODELS_NOTE = "Models: the loaders name the files to download (python dev.py models fetches them; README)."
 
 
@@ -383,8 +383,15 @@ def api_twin(ui_file: Path) -> Path:
     return API_DIR / (ui.get("extra", {}).get("dreamoving", {}).get("api") or ui_file.name)
 
 
+def descriptions() -> dict[str, str]:
+    """Template title -> one-line description, for the frontend extension (``web/js/templates.json``), which puts
+    them on the template browser's cards: the frontend itself only has file names to show there."""
+    return {layout.title: layout.description for layout in LAYOUTS}
+
+
 def regenerate(object_info: dict) -> list[Path]:
-    """Rewrite the canvas graph and thumbnail of every :data:`LAYOUTS` entry; returns the written paths."""
+    """Rewrite the canvas graph and thumbnail of every :data:`LAYOUTS` entry, and the descriptions file; returns the
+    written paths."""
     from devtools.thumbnails import write_thumbnail
 
     written = []
@@ -393,4 +400,5 @@ def regenerate(object_info: dict) -> list[Path]:
         out = ui_path(layout)
         out.write_text(json.dumps(api_to_ui(api, object_info, layout), indent=1) + "\n")
         written += [out, write_thumbnail(api, out.with_suffix(".jpg"))]
-    return written
+    DESCRIPTIONS.write_text(json.dumps(descriptions(), indent=1, ensure_ascii=False) + "\n")
+    return written + [DESCRIPTIONS]

@@ -315,7 +315,8 @@ def _unpack(archive: Path, folder: Path) -> None:
 
 def download(model: ModelFile, models_dir: str | os.PathLike, progress: Callable[[str], Progress] | None = None,
              url_for: Callable[[str], str] = lambda url: url) -> Path:
-    """Fetch ``model`` into its folder under ``models_dir`` and check it; returns where it is.
+    """Fetch ``model`` into its folder under ``models_dir`` and check it (a download that fails the check is removed);
+    returns where it is.
 
     ``progress(label)`` makes a progress callback per file; ``url_for`` maps each URL (e.g. to a mirror)."""
     target = model.target(models_dir)
@@ -329,6 +330,10 @@ def download(model: ModelFile, models_dir: str | os.PathLike, progress: Callable
             archive.unlink()
         else:
             download_file(url_for(url), target / relative if relative else target, callback)
-    check_model(model, target)
+    try:
+        check_model(model, target)
+    except DreaMovingError as err:  # what we fetched is not the model: take it away again, it is not the user's
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        raise DreaMovingError(f"the download of {model.name} is not a {model.kind} ({err}); it was removed") from err
     return target
 

@@ -110,7 +110,7 @@ class DWPoseEstimator(io.ComfyNode):
             category=CATEGORY,
             description="Whole-body poses of every person in every frame (YOLOX + DWPose through onnxruntime), "
                         "rendered as OpenPose hints for the Video ControlNet, with temporal smoothing and optional "
-                        "retargeting to the reference person's proportions.",
+                        "retargeting to the reference person's proportions; the frames are previewed on the node.",
             inputs=[
                 io.Image.Input("images", tooltip="The driving video's frames (or one image)."),
                 io.Combo.Input("detector", options=onnx_options(DETECTOR_FILE), default=DETECTOR_FILE,
@@ -124,8 +124,8 @@ class DWPoseEstimator(io.ComfyNode):
                 io.Boolean.Input("temporal_smoothing", default=True,
                                  tooltip="One-Euro filter the keypoints across frames to remove jitter."),
                 io.Float.Input("fps", default=30.0, min=1.0, max=240.0, step=0.1,
-                               tooltip="Frame rate of the video, for the smoothing (connect Get Video "
-                                       "Components' fps)."),
+                               tooltip="Frame rate of the video, for the smoothing (connect Driving Video "
+                                       "Frames' fps)."),
                 io.Image.Input("reference_image", optional=True,
                                tooltip="Optional: the person to animate. The dancer's limb lengths are "
                                        "rescaled to this person's proportions (joint angles kept)."),

@@ -94,8 +94,11 @@ def canvas_problems(browser: ComfyPage, ui: dict) -> list[str]:
 def test_template_opens_from_the_template_browser_readable_and_clean(page, comfy, ui_path):
     ui = json.loads(ui_path.read_text())
     page.read_console()
-    card = page.open_template(PACK_NAME, ui_path.stem)
+    description = ui.get("extra", {}).get("dreamoving", {}).get("description")
+    card = page.open_template(PACK_NAME, ui_path.stem, shows=description)
     assert card["text"].splitlines()[0] == ui_path.stem, card
+    if description:  # the frontend extension's line, not the file name the frontend repeats
+        assert card["text"].splitlines()[-1] == description, card
     assert card["thumbnail"] == 400, f"the card's thumbnail did not load: {card}"
     state = page.state()
     assert state["dialogs"] == [], f"a dialog opened with the workflow: {state['dialogs']}"

@@ -149,8 +149,9 @@ def test_a_download_that_is_not_the_model_fails_its_final_check(tmp_path, mirror
 
     model = BY_NAME[("animatediff_models", "mm_sd_v15_v2.ckpt")]
     swapped = BY_NAME[("clip_vision", "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors")]
-    with pytest.raises(DreaMovingError):
+    with pytest.raises(DreaMovingError, match="the download of mm_sd_v15_v2.ckpt is not a motion_module"):
         download(model, tmp_path, url_for=lambda url: mirror.url + urlsplit(swapped.url).path)
+    assert not model.target(tmp_path).exists(), "a download that is not the model does not stay"
 
 
 def test_an_unreachable_file_is_a_clear_error(tmp_path, mirror):

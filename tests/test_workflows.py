@@ -19,9 +19,9 @@ UI_GRAPHS = sorted(UI_DIR.glob("*.json"))
 INPUTS = PACK_DIR / "inputs"
 # Per-run sizes on tiny models: a few frames, except for the long-video workflow, which keeps more frames than one
 # context window holds (its whole length runs under -m slow).
-QUICK = {("KSampler", "steps"): 2, ("DreaMovingVideoFrames", "frame_cap"): 8}
+QUICK = {("KSampler", "steps"): 1, ("DreaMovingVideoFrames", "frame_cap"): 6}
 LONG = "dreamoving_motion_long.json"
-LONG_QUICK = {("KSampler", "steps"): 1, ("DreaMovingVideoFrames", "frame_cap"): 40}
+LONG_QUICK = {("KSampler", "steps"): 1, ("DreaMovingVideoFrames", "frame_cap"): 24}
 
 
 def _visible(frames: np.ndarray, what: str, moving: bool) -> None:
@@ -136,6 +136,9 @@ def test_canvas_graphs_and_thumbnails_are_regenerated_from_the_layouts(comfy):
         committed = np.asarray(Image.open(path.with_suffix(".jpg")).convert("RGB")).astype(int)
         assert np.abs(committed - thumbnail(api)).mean() < 3, f"{path.stem}.jpg is stale"
     assert {UI_DIR / f"{layout.title}.json" for layout in LAYOUTS} <= set(UI_GRAPHS)
+    from devtools.workflow_ui import DESCRIPTIONS, descriptions
+
+    assert json.loads(DESCRIPTIONS.read_text()) == descriptions(), "web/js/templates.json is stale"
 
 
 def test_every_shipped_api_graph_has_a_canvas_graph():

@@ -1,5 +1,8 @@
 // DreaMoving frontend extension.
 // - Colours the pack's nodes so DreaMoving graphs read at a glance.
+// - Puts a one-line description on the pack's cards in the template browser: for a custom pack's workflows the
+//   frontend has only file names, which it shows as the title and again as the description. The descriptions come
+//   from templates.json beside this file (written by `python dev.py workflows`).
 // - A frame scrubber for the pack's frame previews (DWPose, ZoeDepth): a video's 16..160 frames would otherwise be
 //   drawn as a grid of thumbnails too small to see. After a run the node shows one frame at a time, with a "frame"
 //   slider and a play / pause button. Neither widget is saved with the workflow nor sent with the prompt.
@@ -82,6 +85,30 @@ app.registerExtension({
       this.bgcolor ??= COLORS.bgcolor;
       return result;
     };
+  },
+});
+
+let descriptions = null;
+
+function describeTemplateCards(known) {
+  for (const [title, text] of Object.entries(known)) {
+    const card = document.querySelector(`[data-testid="template-workflow-${CSS.escape(title)}"]`);
+    const line = card?.querySelector("p");
+    if (line && line.textContent !== text) {
+      line.textContent = text;
+      line.title = text;
+    }
+  }
+}
+
+app.registerExtension({
+  name: "DreaMoving.TemplateDescriptions",
+  async setup() {
+    descriptions = fetch(new URL("templates.json", import.meta.url)).then((r) => (r.ok ? r.json() : {}))
+      .catch(() => ({}));
+    new MutationObserver(async () => {
+      if (document.querySelector('[data-testid^="template-workflow-"]')) describeTemplateCards(await descriptions);
+    }).observe(document.body, { childList: true, subtree: true });
   },
 });
 
