@@ -5,7 +5,9 @@ Two files live in a prepared data folder (paths inside them are relative to that
 * ``clips.jsonl``: one :class:`ClipRecord` per transition-free clip cut from a source dance video;
 * ``faces.jsonl``: one :class:`FaceRecord` per image with a detected face (the Content Guider stage's data).
 
-JSON Lines keeps appends atomic per row (re-runs and shards add rows) and needs no extra dependency.
+JSON Lines needs no extra dependency and concatenates: data preparation keeps each source's rows in its own file
+and rebuilds the two manifests from them (:mod:`dreamoving_core.data.store`), so re-runs and shards never append to a
+shared file.
 """
 from __future__ import annotations
 
@@ -62,11 +64,15 @@ class FaceRecord:
 Record = TypeVar("Record", ClipRecord, FaceRecord)
 
 
+def record_line(record: ClipRecord | FaceRecord) -> str:
+    """One record as its manifest line (a JSON object and a newline)."""
+    return json.dumps(asdict(record), ensure_ascii=False) + "\n"
+
+
 def write_records(path: str | os.PathLike, records: Iterable[ClipRecord | FaceRecord], append: bool = True) -> None:
     """Write ``records`` to the JSON Lines file ``path`` (appended by default), one object per line."""
     with open(path, "a" if append else "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
+        f.writelines(record_line(record) for record in records)
 
 
 def read_records(path: str | os.PathLike, kind: type[Record]) -> list[Record]:
