@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Developer entry point: ``python dev.py demo`` and ``python dev.py test``.
+"""Developer entry point: ``python dev.py demo``, ``test``, ``models``, ``workflows`` and ``inputs``.
 
 Both commands do their own set-up and are idempotent: a virtual environment, the pack's requirements and the ComfyUI
 hosts are created once in a cache folder (``DREAMOVING_CACHE``, default ``~/.cache/dreamoving``) and reused.
@@ -30,7 +30,11 @@ def main() -> int:
     demo = sub.add_parser("demo", help="run the demo workflow on a real ComfyUI server and print the video path")
     demo.add_argument("--port", type=int, default=0, help="server port (default: a free one)")
     demo.add_argument("--cpu", action="store_true", help="run ComfyUI on the CPU even when torch sees a GPU")
-    sub.add_parser("workflows", help="regenerate the canvas workflows in workflows/ from workflows/api/")
+    sub.add_parser("workflows", help="regenerate the canvas workflows and thumbnails in workflows/ from workflows/api/")
+    sub.add_parser("inputs", help="regenerate the sample input files in inputs/")
+    sub.add_parser("models", add_help=False,
+                   help="check a models folder against the shipped workflows, download what is missing "
+                        "(python dev.py models --help)")
     test = sub.add_parser("test", help="run the test suite on each ComfyUI host (extra arguments go to pytest)")
     versions = [s.version for s in host.HOSTS]
     test.add_argument("--host", default="all", choices=["all", *versions],
@@ -38,7 +42,7 @@ def main() -> int:
     test.add_argument("--every-test-on-every-host", action="store_true",
                       help="also run the tests that never touch ComfyUI on the hosts after the first")
     args, pytest_args = parser.parse_known_args()
-    if pytest_args and args.command != "test":
+    if pytest_args and args.command not in ("test", "models"):
         parser.error(f"unrecognized arguments: {' '.join(pytest_args)}")
 
     python = host.ensure_venv()
@@ -53,6 +57,16 @@ def main() -> int:
         print(f"virtual environment: {host.venv_dir()}")
         for h in host.hosts_to_test():
             print(h)
+        return 0
+    if args.command == "models":
+        from devtools import models
+
+        return models.main(pytest_args, comfy_dir)
+    if args.command == "inputs":
+        from devtools.inputs import write_all
+
+        for path in write_all():
+            print(f"wrote {path.relative_to(PACK_DIR)} ({path.stat().st_size // 1024} KiB)")
         return 0
     if args.command == "workflows":
         from devtools.workflow_ui import regenerate

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import _models, content_guider, eval, motion, preprocess, video_controlnet
+from . import _models, content_guider, eval, motion, preprocess, video, video_controlnet
 from ._common import guard
+from .inputs import install_sample_inputs
 
-TOPICS = (motion, video_controlnet, content_guider, preprocess, eval)
+TOPICS = (video, motion, video_controlnet, content_guider, preprocess, eval)
 
 
 class DreaMovingExtension(ComfyExtension):
@@ -17,4 +18,5 @@ class DreaMovingExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> DreaMovingExtension:
+    install_sample_inputs()
     return DreaMovingExtension()

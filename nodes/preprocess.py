@@ -18,7 +18,7 @@ import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from dreamoving_core.preprocess.dwpose import DETECTOR_FILE, ESTIMATOR_FILE, DWPose, to_uint8, work_size
 from dreamoving_core.errors import InputMismatchError
@@ -84,7 +84,7 @@ class DWPoseEstimator(io.ComfyNode):
             description="Whole-body poses of every person in every frame (YOLOX + DWPose; on a GPU the ONNX files run "
                         "converted to torch, batched over frames, without onnxruntime-gpu; else onnxruntime), "
                         "rendered as OpenPose hints for the Video ControlNet, with temporal smoothing and optional "
-                        "retargeting to the reference person's proportions.",
+                        "retargeting to the reference person's proportions; the frames are previewed on the node.",
             inputs=[
                 io.Image.Input("images", tooltip="The driving video's frames (or one image)."),
                 ModelCombo("detector", DWPOSE_FOLDER, default=DETECTOR_FILE,
@@ -98,8 +98,8 @@ class DWPoseEstimator(io.ComfyNode):
                 io.Boolean.Input("temporal_smoothing", default=True,
                                  tooltip="One-Euro filter the keypoints across frames to remove jitter."),
                 io.Float.Input("fps", default=30.0, min=1.0, max=240.0, step=0.1,
-                               tooltip="Frame rate of the video, for the smoothing (connect Get Video "
-                                       "Components' fps)."),
+                               tooltip="Frame rate of the video, for the smoothing (connect Driving Video "
+                                       "Frames' fps)."),
                 io.Image.Input("reference_image", optional=True,
                                tooltip="Optional: the person to animate. The dancer's limb lengths are "
                                        "rescaled to this person's proportions (joint angles kept)."),
@@ -129,8 +129,10 @@ class DWPoseEstimator(io.ComfyNode):
         height, width = work_size(images.shape[1], images.shape[2], detect_resolution)
         pictures = draw_poses(poses, height, width, draw_body, draw_hands, draw_face)
         keypoints = to_pose_keypoint(poses)
-        # the JSON also goes to the UI/history under comfyui_controlnet_aux's key, for editors and API clients
-        return io.NodeOutput(pictures, keypoints, ui={"openpose_json": [json.dumps(keypoints)]})
+        # the frames are previewed on the node; the JSON also goes to the UI/history under comfyui_controlnet_aux's
+        # key, for editors and API clients
+        preview = ui.PreviewImage(pictures, cls=cls).as_dict()
+        return io.NodeOutput(pictures, keypoints, ui={**preview, "openpose_json": [json.dumps(keypoints)]})
 
 
 class RenderPose(io.ComfyNode):
@@ -186,8 +188,9 @@ class ZoeDepthEstimator(io.ComfyNode):
     @classmethod
     def execute(cls, images: torch.Tensor, model: str, per_frame_normalization: bool,
                 batch_size: int) -> io.NodeOutput:
-        return io.NodeOutput(depth_to_hint(run_zoedepth(ZOEDEPTH_FOLDER.path(model, "model"), images, batch_size),
-                                           per_frame_normalization))
+        hints = depth_to_hint(run_zoedepth(ZOEDEPTH_FOLDER.path(model, "model"), images, batch_size),
+                              per_frame_normalization)
+        return io.NodeOutput(hints, ui=ui.PreviewImage(hints, cls=cls))
 
 
 def run_zoedepth(folder: str, images: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -55,3 +55,27 @@ def read_video_frames(path: Path) -> list:
 
     with av.open(str(path)) as container:
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def read_video(path: Path) -> tuple[list, float]:
+    """Frames (HxWx3 uint8) and frame rate of a video file."""
+    import av
+
+    with av.open(str(path)) as container:
+        rate = float(container.streams.video[0].average_rate)
+    return read_video_frames(path), rate
+
+
+def video_frames_expected(graph: dict, inputs: Path) -> tuple[int, float]:
+    """How many frames, at what rate, an API graph's videos have: what its Driving Video Frames node keeps of the
+    video it loads from ``inputs``, else the latent batch and Create Video's rate."""
+    frames = next((n for n in graph.values() if n["class_type"] == "DreaMovingVideoFrames"), None)
+    if frames is None:
+        latent = next(n for n in graph.values() if n["class_type"] == "EmptyLatentImage")
+        video = next(n for n in graph.values() if n["class_type"] == "CreateVideo")
+        return latent["inputs"]["batch_size"], float(video["inputs"]["fps"])
+    loader = graph[frames["inputs"]["video"][0]]
+    source, rate = read_video(inputs / loader["inputs"]["file"])
+    cap, skip, nth = (frames["inputs"][k] for k in ("frame_cap", "skip_first", "every_nth"))
+    kept = len(range(skip, len(source), nth))
+    return (min(kept, cap) if cap else kept), rate / nth

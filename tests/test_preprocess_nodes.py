@@ -9,9 +9,7 @@ from PIL import Image
 
 from devtools.client import PromptRejected
 from devtools.graph import Graph
-from devtools.server import PACK_DIR
 from devtools.tiny import preprocess as tiny
-from tests.graphs import read_video_frames
 
 NODE_IDS = ("DreaMovingDWPose", "DreaMovingRenderPose", "DreaMovingZoeDepth")
 VIDEO = "dreamoving_dance_64.mp4"
@@ -136,20 +134,3 @@ def test_retargeting_to_a_reference_image_over_http(comfy, files):
     expected = tiny.expected_keypoints()
     np.testing.assert_allclose(body[[0, 2, 5, 10, 13], :2], expected[[0, 6, 5, 16, 15]], atol=0.2)
     assert len(result.files(save.id)) == FRAMES
-
-
-def test_shipped_video_to_pose_workflow_runs(comfy, files):
-    graph = json.loads((PACK_DIR / "workflows" / "api" / "dreamoving_video_to_pose.json").read_text())
-    for node in graph.values():
-        inputs = node["inputs"]
-        if node["class_type"] == "LoadVideo":
-            inputs["file"] = VIDEO
-        elif node["class_type"] == "DreaMovingDWPose":
-            inputs.update(detector=files["detector"], estimator=files["estimator"], detect_resolution=64)
-        elif node["class_type"] == "DreaMovingZoeDepth":
-            inputs["model"] = files["zoedepth"]
-    result = comfy.run(graph, timeout=300)
-    saved = [p for node_id, node in graph.items() if node["class_type"] == "SaveVideo"
-             for p in result.files(node_id)]
-    assert len(saved) == 2 and all(p.suffix == ".mp4" for p in saved)
-    assert [len(read_video_frames(p)) for p in saved] == [FRAMES, FRAMES]

@@ -3,7 +3,6 @@ HTTP on a real server with the tiny SD1.5 checkpoint (64x64 frames, 2 steps)."""
 from __future__ import annotations
 
 import functools
-import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from devtools.client import ExecutionFailed
-from devtools.server import PACK_DIR
 from devtools.tiny import pack_nodes
 from devtools.tiny.controlnet import sd15_controlnet, sdxl_controlnet, video_controlnet
 from devtools.tiny.motion import motion_module
@@ -417,35 +415,3 @@ def test_no_control_state_leaks_into_the_next_prompt(comfy, tiny_checkpoint, con
     assert refs1["sampler"].id not in cached, "the sampler did not run again; the check would prove nothing"
     after = load_file(str(next(p for p in result.files(refs1["save"].id) if p.suffix == ".latent")))["latent_tensor"]
     assert torch.equal(after, plain16)
-
-
-def test_shipped_pose_depth_workflow_runs_on_a_synthetic_dance_video(comfy, comfy_base, install_model,
-                                                                     tiny_checkpoint, controlnets):
-    """workflows/api/dreamoving_pose_depth.json with tiny models: DWPose + ZoeDepth of a synthetic dance drive two
-    Video ControlNets; 16 frames of 64x64 come out as a video."""
-    from devtools.demo import substitute
-    from devtools.tiny import preprocess as tiny_pre
-    from tests.graphs import read_video_frames
-
-    video = "dreamoving_dance_vcn_64.mp4"
-    tiny_pre.synthetic_dance_video(comfy_base / "input" / video, frames=16, size=64)
-    detector = install_model(tiny_pre.yolox_onnx(), "dreamoving/preprocess/vcn", "yolox_l.onnx")
-    estimator = install_model(tiny_pre.dwpose_onnx(), "dreamoving/preprocess/vcn", "dw-ll_ucoco_384.onnx")
-    zoedepth = install_model(tiny_pre.zoedepth_dir(), "dreamoving/preprocess", "zoedepth-tiny-vcn")
-    graph = json.loads((PACK_DIR / "workflows" / "api" / "dreamoving_pose_depth.json").read_text())
-    values = {("CheckpointLoaderSimple", "ckpt_name"): tiny_checkpoint, ("LoadVideo", "file"): video,
-              ("DreaMovingDWPose", "detector"): f"vcn/{detector}",
-              ("DreaMovingDWPose", "estimator"): f"vcn/{estimator}",
-              ("DreaMovingDWPose", "detect_resolution"): 64, ("DreaMovingZoeDepth", "model"): zoedepth,
-              ("DreaMovingLoadVideoControlNet", "motion_module"): controlnets["motion"],
-              ("DreaMovingLoadMotionModule", "model_name"): controlnets["motion"],
-              ("EmptyLatentImage", "width"): 64, ("EmptyLatentImage", "height"): 64, ("KSampler", "steps"): 2}
-    substitute(graph, values)
-    graph["9"]["inputs"]["controlnet_name"] = controlnets["pose"]
-    graph["10"]["inputs"]["controlnet_name"] = controlnets["depth"]
-    result = comfy.run(graph, timeout=300)
-    saved = [p for node_id, node in graph.items() if node["class_type"] == "SaveVideo" for p in result.files(node_id)]
-    assert len(saved) == 1 and len(read_video_frames(saved[0])) == 16
-
-
-

@@ -150,7 +150,8 @@ def clip_vision_file(layers: int = 2, init_factor: float = 1.0) -> Path:
 
 class _TinySCRFD(torch.nn.Module):
     """SCRFD output signature: scores (N·2, 1), box distances (N·2, 4), landmarks (N·2, 10) per stride 8/16/32.
-    A cell scores high where the image is red (r − b of the normalised input above 1)."""
+    A cell scores high where the image is warm, red or skin-toned (r − b of the normalised input above 0.3,
+    about 40 levels of 255): the red square of ``face_image`` and a photographed face, not grey or blue."""
 
     KPS = torch.tensor([-0.6, -0.5, 0.6, -0.5, 0.0, 0.0, -0.5, 0.6, 0.5, 0.6])
 
@@ -158,7 +159,7 @@ class _TinySCRFD(torch.nn.Module):
         scores, boxes, points = [], [], []
         for stride in (8, 16, 32):
             pooled = torch.nn.functional.avg_pool2d(x, stride)
-            logit = 8.0 * (pooled[:, 0:1] - pooled[:, 2:3] - 1.0)
+            logit = 8.0 * (pooled[:, 0:1] - pooled[:, 2:3] - 0.3)
             cell = torch.sigmoid(logit).permute(0, 2, 3, 1)  # (1, h, w, 1)
             score = torch.cat([cell, cell], dim=-1).reshape(-1, 1)
             scores.append(score)
@@ -191,7 +192,7 @@ def _save_insightface_pack(path: Path) -> None:
 
 def insightface_root() -> Path:
     """A ``models/insightface`` folder holding the tiny pack ``models/buffalo_l`` (detector + ArcFace)."""
-    return cached("insightface/v2", lambda p: _save_insightface_pack(p / "models" / "buffalo_l"))
+    return cached("insightface/v3", lambda p: _save_insightface_pack(p / "models" / "buffalo_l"))
 
 
 def face_image(size: int = 64, face: bool = True) -> torch.Tensor:
