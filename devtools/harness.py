@@ -164,7 +164,7 @@ def parts(frames: int = 4, size: int = 64, *, full_size: bool = False, device: s
     control = build_video_controlnet(weights, "random controlnet", [list(level) for level in cn_motion.down_blocks],
                                      cn_motion.mid_block, "random", cn_motion.config, ops=comfy.ops.manual_cast)
     control = control.to(device, dtype).eval()
-    hint = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(7))
+    hint = torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(7))  # IMAGE layout, one for all frames
     return Parts(nodes, patcher, motion, guider, kv, control, hint, frames, size)
 
 

@@ -146,8 +146,8 @@ def model_report() -> dict:
     loaded = set()
     for entry in comfy.model_management.current_loaded_models:
         real = entry.model.model if entry.model is not None else None
-        loaded.update(id(part) for part in (real, getattr(real, "owner", None), getattr(real, "held", None))
-                      if part is not None)
+        loaded.update(id(part) for part in (real, *(getattr(real, name, None) for name in ("owner", "held", "net")))
+                      if part is not None)  # sessions (owner), LibraryModel (held), ComfyControlModel (net)
     return {"models": [{"kind": type(obj).__name__,
                         "loaded": id(obj) in loaded or id(getattr(obj, "model", None)) in loaded} for obj in alive],
             "open_sessions": sum(1 for obj in objects if isinstance(obj, OnnxModel) and obj.is_open),

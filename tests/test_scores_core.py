@@ -19,7 +19,7 @@ from devtools.tiny import content_guider as tiny_face
 from devtools.tiny import eval as tiny
 from devtools.tiny import preprocess as tiny_pose
 from dreamoving_core.errors import InputMismatchError, ModelFormatError
-from dreamoving_core.eval import EvalModels, ScoreReport, score_video
+from dreamoving_core.eval import EvalModels, ScoreReport, ValidationScorer, score_video
 from dreamoving_core.eval.cli import compare_table, main
 from dreamoving_core.eval.models import FEATURE_FILES
 from dreamoving_core.eval.networks import Lpips, VideoFeatures, clips
@@ -79,6 +79,27 @@ def test_the_driving_videos_own_frames_give_pose_error_0_and_pck_1(dwpose, dance
         assert report.scores[f"pose/{part}/oks"] == pytest.approx(1.0, abs=1e-6)
     assert report.scores["pose/lost_frames"] == 0
     assert report.per_frame["pose/body/error"] == pytest.approx([0.0] * FRAMES, abs=1e-6)
+
+
+def test_training_validation_scorer_is_score_video_with_the_models_of_a_models_folder(tmp_path, dance, driving,
+                                                                                      monkeypatch):
+    from dreamoving_core.train.validate import load_scorer
+
+    scorer = load_scorer("dreamoving_core.eval:validation_scorer")
+    assert isinstance(scorer, ValidationScorer)
+    frames = torch.from_numpy(dance).float() / 255
+    keypoints = to_pose_keypoint(driving)
+    monkeypatch.setenv("DREAMOVING_EVAL_MODELS", str(tmp_path))  # an empty models folder: no pose model
+    bare = ValidationScorer()(frames, driving=keypoints, face=None)
+    assert bare == score_video(frames, driving=keypoints).flat() and "temporal/flicker" in bare
+    assert not any(k.startswith("pose/") for k in bare)
+    preprocess = tmp_path / "dreamoving" / "preprocess"
+    preprocess.mkdir(parents=True)
+    for src, name in ((tiny.following_yolox_onnx(), "yolox_l.onnx"), (tiny_pose.dwpose_onnx(), "dw-ll_ucoco_384.onnx")):
+        (preprocess / name).symlink_to(src)
+    posed = ValidationScorer(tmp_path)(frames, driving=keypoints, face=None)
+    assert "pose/body/pck_0.1" in posed and posed["temporal/flicker"] == bare["temporal/flicker"]
+    assert posed == score_video(frames, driving=keypoints, models=EvalModels.from_models_dir(tmp_path)).flat()
 
 
 def test_frames_shifted_by_k_pixels_give_an_error_growing_with_k(dwpose, dance, driving):

@@ -17,7 +17,6 @@ concatenating the per-source rows, so the last process to finish writes a manife
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,23 @@ from .manifest import CLIPS_FILE, FACES_FILE, ClipRecord, FaceRecord, read_recor
 SOURCES_DIR = "sources"
 FAILED_FILE = "failed.txt"
 LOCK_FILE = ".manifest.lock"
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if absent) for the block: one process at a time (flock on
+    POSIX, msvcrt on Windows; released when the file closes)."""
+    with open(path, "a+b") as f:
+        if os.name == "nt":
+            import msvcrt
+
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
+        else:
+            import fcntl
+
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 @contextlib.contextmanager
@@ -87,8 +103,7 @@ class Store:
         Returns the number of clip rows, face rows, and the ids of sources whose last attempt failed."""
         sources = self.root / SOURCES_DIR
         sources.mkdir(parents=True, exist_ok=True)
-        with open(self.root / LOCK_FILE, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        with exclusive_lock(self.root / LOCK_FILE):
             folders = sorted(p for p in sources.iterdir() if p.is_dir())
             counts = []
             for name, kind in ((CLIPS_FILE, ClipRecord), (FACES_FILE, FaceRecord)):

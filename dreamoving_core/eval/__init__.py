@@ -13,5 +13,7 @@ from .models import EvalModels, FEATURE_FILES
 from .plot import plot_reports
 from .report import SCORES, ScoreInfo, ScoreReport
 from .score import score_video
+from .validation import ValidationScorer, validation_scorer
 
-__all__ = ["EvalModels", "FEATURE_FILES", "SCORES", "ScoreInfo", "ScoreReport", "plot_reports", "score_video"]
+__all__ = ["EvalModels", "FEATURE_FILES", "SCORES", "ScoreInfo", "ScoreReport", "ValidationScorer", "plot_reports",
+           "score_video", "validation_scorer"]
