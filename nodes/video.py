@@ -17,7 +17,6 @@ from comfy_api.latest import VideoFromFile, io
 
 from dreamoving_core.errors import InputMismatchError
 
-from ._common import reports_errors
 
 CATEGORY = "DreaMoving/Video"
 FRAMES_NAME = "Driving Video Frames"
@@ -105,7 +104,6 @@ class DrivingVideoFrames(io.ComfyNode):
         )
 
     @classmethod
-    @reports_errors(FRAMES_NAME)
     def execute(cls, video, frame_cap: int, skip_first: int, every_nth: int, images_fps: float) -> io.NodeOutput:
         frames, fps = select_frames(video, skip_first, every_nth, frame_cap, images_fps)
         return io.NodeOutput(frames, fps, int(frames.shape[0]))
