@@ -226,7 +226,7 @@ def test_what_is_trained_is_what_is_run_diffusers_with_our_modules_predicts_comf
     hint = torch.rand(frames, 3, 64, 64, generator=g)
     vc = comfy_glue["video_controlnet"]
     control = vc.VideoControl(controlnet, control_path.name, load_device=comfy.model_management.get_torch_device())
-    positive, negative = vc.apply_control([[text, {}]], [[text * 0, {}]], control, hint, 1.0, (0.0, 1.0))
+    positive, negative = vc.apply_control([[text, {}]], [[text * 0, {}]], control, hint.movedim(1, -1), 1.0, (0.0, 1.0))
 
     captured = {}
 
