@@ -134,6 +134,8 @@ class ComfyPage:
         self.js(f"const label = {category}; (label.closest('[role=button]') || label).click();", module)
         card_selector = f'[data-testid="template-workflow-{name}"]'
         self.wait("document.querySelector(arguments[0])", 30, card_selector)
+        # the browser renders a card's thumbnail only once the card is in view (a user scrolls to it)
+        self.js("document.querySelector(arguments[0]).scrollIntoView({block: 'center'})", card_selector)
         self.wait("(() => { const i = document.querySelector(arguments[0] + ' img');"
                   " return i && i.complete; })()", 30, card_selector)
         if shows:
