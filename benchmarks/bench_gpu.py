@@ -248,7 +248,7 @@ def random_vae(args):
                     ch=32 if args.tiny else 128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, attn_resolutions=[],
                     dropout=0.0)
     sd = harness.randomise(AutoencoderKL(ddconfig=ddconfig, embed_dim=4)).state_dict()
-    return comfy.sd.VAE(sd=sd)
+    return comfy.sd.VAE(sd=sd, config={"params": {"ddconfig": ddconfig, "embed_dim": 4}})  # ComfyUI guesses SD1.5's width
 
 
 def video_row(parts: harness.Parts, args) -> dict:
