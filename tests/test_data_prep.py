@@ -139,6 +139,17 @@ def test_hints_hold_one_pose_and_one_depth_map_per_frame(prepared):
     assert torch.allclose(load_file(prepared.out / row.depth)["depth"].float(), reference, rtol=2e-3, atol=2e-3)
 
 
+def test_depth_is_stored_at_most_512_pixels_on_its_shorter_side_as_an_area_average():
+    from dreamoving_core.data.hints import bounded_depth
+
+    depth = torch.rand(2, 1080, 1920)
+    stored = bounded_depth(depth)
+    assert stored.shape == (2, 512, 910) and stored.dtype == torch.float16
+    assert torch.allclose(stored.float().mean((1, 2)), depth.mean((1, 2)), atol=1e-3)
+    small = torch.rand(3, 64, 96)
+    assert torch.equal(bounded_depth(small), small.half())  # already small enough: as extracted
+
+
 def test_face_set_holds_the_photo_and_the_keyframes_with_a_face_and_nothing_else(prepared):
     from dreamoving_core.guider.face_id import FaceAnalyzer
 

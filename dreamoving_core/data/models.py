@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import DreaMovingError
+from ..errors import InputMismatchError
 from ..preprocess.dwpose import DETECTOR_FILE, ESTIMATOR_FILE
 
 PREPROCESS_DIR = Path("dreamoving") / "preprocess"
@@ -69,7 +69,7 @@ def resolve_models(models: str | Path | None = None, *, dwpose_detector: str = D
     """Find each model: a path as given, or a name in its folder under ``models`` (``dreamoving/preprocess`` for
     DWPose and ZoeDepth, ``insightface/models`` for the pack, ``LLM`` for the captioner).
 
-    Raises one ``DreaMovingError`` listing every model the steps ``needed_for`` need but that is missing, with
+    Raises one ``InputMismatchError`` listing every model the steps ``needed_for`` need but that is missing, with
     where it was looked for and what to download."""
     models = Path(models).expanduser() if models is not None else None
     values = {"dwpose_detector": dwpose_detector, "dwpose_estimator": dwpose_estimator, "zoedepth": zoedepth,
@@ -86,6 +86,6 @@ def resolve_models(models: str | Path | None = None, *, dwpose_detector: str = D
             problems.append(f"- {kind} (for {steps}): {where}; download {DOWNLOADS[kind]}"
                             f"{'' if models else f' and pass --models MODELS (or {OPTIONS[kind]} PATH)'}")
     if problems:
-        raise DreaMovingError("data preparation is missing models (nothing was done):\n" + "\n".join(problems) +
-                              "\nor leave a step out with --skip " + "/".join(STEPS))
+        raise InputMismatchError("data preparation is missing models (nothing was done):\n" + "\n".join(problems) +
+                                 "\nor leave a step out with --skip " + "/".join(STEPS))
     return ModelPaths(**found)

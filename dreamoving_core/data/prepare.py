@@ -427,8 +427,8 @@ def prepare(inputs: list[str | Path], config: PrepareConfig) -> Summary:
 
     missing = sorted({kind for step in config.steps for kind in NEEDS[step] if getattr(config.models, kind) is None})
     if missing:
-        raise DreaMovingError(f"data preparation needs {', '.join(OPTIONS[k] for k in missing)} for the steps "
-                              f"{', '.join(config.steps)} (see models.resolve_models); nothing was done")
+        raise InputMismatchError(f"data preparation needs {', '.join(OPTIONS[k] for k in missing)} for the steps "
+                                 f"{', '.join(config.steps)} (see models.resolve_models); nothing was done")
     start = time.perf_counter()
     store = Store(Path(config.out))
     sources = [s for s in find_sources(inputs, store.root) if s.in_shard(config.shard)]

@@ -162,10 +162,12 @@ class ClipDataset(Dataset):
             poses = self.poses(record)
             hint = draw_poses([poses[i] for i in indices], record.height, record.width)
         else:
-            from safetensors.torch import load_file
+            from safetensors import safe_open
 
-            depth = load_file(str(self.folder / record.depth))["depth"]
-            hint = depth_to_hint(depth[indices].float())
+            with safe_open(str(self.folder / record.depth), "pt") as f:  # only the sampled frames are read
+                stored = f.get_slice("depth")
+                depth = torch.stack([stored[i] for i in indices])
+            hint = depth_to_hint(depth.float())
         return resize_center_crop(hint.movedim(-1, 1), self.resolution, "nearest-exact")
 
     def __getitem__(self, item: tuple[int, int]) -> dict:
