@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import comfy.model_management
+import comfy.utils
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -44,6 +46,22 @@ MODEL_FOLDERS = {
     "insightface": "insightface",
 }
 WEIGHT_EXTENSIONS = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx"}
+
+
+def progress(total: int | None = None) -> Callable[..., None]:
+    """A ``progress(done, total=None)`` callback for the core's long loops: ComfyUI's progress bar of the running node
+    (made at the first call, so a ``total`` known only then can come with it) and the user's interrupt, honoured at
+    every call."""
+    bar = None
+
+    def update(done: int, of: int | None = None) -> None:
+        nonlocal bar
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        count = total if of is None else of
+        bar = bar or comfy.utils.ProgressBar(count)
+        bar.update_absolute(done, count)
+
+    return update
 
 
 def register_model_folders() -> None:

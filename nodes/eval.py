@@ -19,6 +19,7 @@ from comfy_api.latest import io, ui
 from dreamoving_core.eval import EvalModels, plot_reports, score_video
 from dreamoving_core.preprocess.dwpose import DETECTOR_FILE, ESTIMATOR_FILE, DWPose
 
+from ._common import progress
 from ._models import load, session_patcher
 from .content_guider import FaceAnalysisType, OpenClipVisionType, image_features
 from .preprocess import DWPOSE_FOLDER, PoseKeypoint
@@ -80,18 +81,6 @@ def _dwpose_options(default: str) -> list[str]:
     return sorted({default, *DWPOSE_FOLDER.names()})
 
 
-def _progress():
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bar = bar or comfy.utils.ProgressBar(total)
-        bar.update_absolute(done, total)
-
-    return update
-
-
 class ScoreVideo(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -146,7 +135,7 @@ class ScoreVideo(io.ComfyNode):
         models, patchers = _models(insightface, clip_vision, detector, estimator, driving is not None,
                                    detect_resolution)
         load(*patchers)
-        report = score_video(frames, driving=driving, face=face, truth=truth, models=models, progress=_progress())
+        report = score_video(frames, driving=driving, face=face, truth=truth, models=models, progress=progress())
         picture = torch.from_numpy(plot_reports([("video", report)]).copy()).float()[None] / 255.0
         numbers = [report.scores.get(score, math.nan) for score in NUMBERS.values()]
         text = report.to_json()

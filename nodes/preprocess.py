@@ -28,7 +28,7 @@ from dreamoving_core.preprocess.retarget import retarget_poses
 from dreamoving_core.preprocess.smoothing import smooth_poses
 from dreamoving_core.preprocess.zoedepth import depth_to_hint, load_zoedepth
 
-from ._common import ModelCombo, ModelFolder, custom_type
+from ._common import ModelCombo, ModelFolder, custom_type, progress
 from ._models import OPS, LibraryModel, load, managed, parameter_count, session_patcher
 
 CATEGORY = "DreaMoving/Preprocess"
@@ -54,16 +54,6 @@ DWPOSE_FOLDER = ModelFolder((FOLDER,), "DWPose model",
 ZOEDEPTH_FOLDER = ModelFolder((FOLDER,), "ZoeDepth model folder",
                               "put the files of huggingface.co/Intel/zoedepth-nyu-kitti (config.json, "
                               "model.safetensors, preprocessor_config.json) in a folder there", holds="config.json")
-
-
-def _progress(total: int):
-    bar = comfy.utils.ProgressBar(total)
-
-    def update(done: int) -> None:
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bar.update_absolute(done, total)
-
-    return update
 
 
 def _toggles() -> list:
@@ -117,7 +107,7 @@ class DWPoseEstimator(io.ComfyNode):
         model = DWPose(DWPOSE_FOLDER.path(detector, "detector"), DWPOSE_FOLDER.path(estimator, "estimator"))
         sessions = session_patcher(model)  # held while the node runs: ComfyUI only keeps a weak reference
         load(sessions)
-        poses = model.video(images, detect_resolution, progress=_progress(len(images)))
+        poses = model.video(images, detect_resolution, progress=progress(len(images)))
         if temporal_smoothing and len(poses) > 1:
             poses = smooth_poses(poses, fps)
         if reference_image is not None:
@@ -203,7 +193,7 @@ def run_zoedepth(folder: str, images: torch.Tensor, batch_size: int) -> torch.Te
     patcher = managed(LibraryModel(zoe.model), device)  # held while it runs: ComfyUI keeps a weak reference
     load(patcher)
     zoe.device, zoe.dtype = device, dtype
-    return zoe.depth(images, batch_size, progress=_progress(len(images)))
+    return zoe.depth(images, batch_size, progress=progress(len(images)))
 
 
 NODES: list[type[io.ComfyNode]] = [DWPoseEstimator, RenderPose, ZoeDepthEstimator]
