@@ -35,7 +35,7 @@ PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_DIR))
 sys.path.insert(0, str(PACK_DIR / "benchmarks"))
 
-from bench_motion import PeakTensorMemory  # noqa: E402
+from bench_motion import peak_mib  # noqa: E402
 from devtools import harness  # noqa: E402
 
 VARIANTS = {  # name: (motion, control, guider slots)
@@ -207,19 +207,6 @@ def step_rows(parts: harness.Parts, args, frames: int, compile_too: bool) -> lis
         rows.append({"frames": frames, "variant": label, "ms": ref_ms})
         print(f"{frames:3d} frames {label} {ref_ms:9.1f} ms")
     return rows
-
-
-def peak_mib(fn, device: str) -> float:
-    with torch.inference_mode():
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            fn()
-            return (torch.cuda.max_memory_allocated() - before) / 2**20
-        with PeakTensorMemory() as tracker:
-            fn()
-        return tracker.peak / 2**20
 
 
 def memory_rows(parts: harness.Parts, args) -> list[dict]:

@@ -26,6 +26,7 @@ import sys
 import time
 import types
 import weakref
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -182,16 +183,18 @@ class PeakTensorMemory(TorchDispatchMode):
         return out
 
 
-def step_peak_mib(fn, x, device: str) -> float:
-    with torch.inference_mode():
+def peak_mib(fn, device: str, training: bool = False) -> float:
+    """MiB that ``fn()`` adds at its peak: CUDA's allocator statistics, else the tensor storage it creates
+    (``PeakTensorMemory``); run under inference mode unless ``training`` (a step that needs autograd)."""
+    with torch.inference_mode(not training):
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-            fn(x)
+            fn()
             return (torch.cuda.max_memory_allocated() - before) / 2**20
         with PeakTensorMemory() as tracker:
-            fn(x)
+            fn()
         return tracker.peak / 2**20
 
 
@@ -242,7 +245,7 @@ def diffusers_rows(args) -> list[dict]:
         bare, with_motion = alternate_calls([lambda: unet2d(flat, 500, hidden).sample,
                                              lambda: motion(video, 500, hidden).sample],
                                             args.device, args.warmup, args.iters)
-        peak = step_peak_mib(lambda x: motion(x, 500, hidden).sample, video, args.device)
+        peak = peak_mib(lambda: motion(video, 500, hidden).sample, args.device)
         rows.append({"impl": "diffusers", "frames": frames, "bare_ms": bare * 1e3, "motion_ms": with_motion * 1e3,
                      "motion_step_peak_mib": peak})
         print(f"diffusers  {frames:4d} frames: bare {bare * 1e3:8.1f} ms  with motion {with_motion * 1e3:8.1f} ms  "
@@ -258,10 +261,10 @@ def memory_rows(bench: Bench, args) -> list[dict]:
         row = {"frames": frames, "whole_mib": None}
         if frames <= bench.motion.config.positional_length:  # longer videos only run in windows
             try:
-                row["whole_mib"] = step_peak_mib(bench.step, x, args.device)
+                row["whole_mib"] = peak_mib(partial(bench.step, x), args.device)
             except torch.OutOfMemoryError:
                 row["whole_mib"] = float("inf")
-        row["windowed_mib"] = step_peak_mib(lambda v: bench.windowed_step(v, frames), x, args.device)
+        row["windowed_mib"] = peak_mib(partial(bench.windowed_step, x, frames), args.device)
         rows.append(row)
         del x
         whole = "n/a (more frames than positions)" if row["whole_mib"] is None else f"{row['whole_mib']:9.0f} MiB"

@@ -20,7 +20,7 @@ expression         512²                64       1      U-Net motion blocks / U-
 =================  ==================  =======  =====  =======================================================
 
 Peak memory of a step beyond what is resident before it: the CUDA allocator's peak, or on CPU the peak of live
-tensor storage created during the step (``bench_motion.PeakTensorMemory``).
+tensor storage created during the step (``bench_motion.peak_mib``).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ PACK_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PACK_DIR))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_motion import PeakTensorMemory  # noqa: E402
+from bench_motion import peak_mib  # noqa: E402
 
 PAPER = {"content_guider": (512, 1, 8), "long_frame": (256, 64, 1), "video_controlnet": (352, 64, 1),
          "expression": (512, 64, 1)}
@@ -169,18 +169,6 @@ class DiffusersMotionStep:
         return float(loss)
 
 
-def peak_mib(step, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    with PeakTensorMemory() as tracker:
-        step()
-    return tracker.peak / 2**20
-
-
 def measure(steps: dict, device: str, warmup: int, iters: int) -> dict[str, dict]:
     """Median seconds per step of each named step function, taken alternately in one loop, and its peak memory."""
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -192,7 +180,8 @@ def measure(steps: dict, device: str, warmup: int, iters: int) -> dict[str, dict
             sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return {name: {"step_ms": statistics.median(times[name]) * 1e3, "peak_mib": peak_mib(step, device)}
+    return {name: {"step_ms": statistics.median(times[name]) * 1e3,
+                   "peak_mib": peak_mib(step, device, training=True)}
             for name, step in steps.items()}
 
 
